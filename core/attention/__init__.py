@@ -1,0 +1,1 @@
+"""Attention: the interface every backend implements, and the reference backend."""

@@ -1,0 +1,133 @@
+"""The attention interface: one call serves a ragged batch of prefill chunks and decode tokens.
+
+Layout of a batch of ``S`` sequences and ``T = sum(query_lens)`` new tokens:
+
+* ``q``: ``[T, num_heads, head_size]``; ``k``, ``v``: ``[T, num_kv_heads, head_size]``,
+  the new tokens of every sequence, concatenated in sequence order.
+* ``meta.query_start_loc``: int32 ``[S + 1]``; sequence ``i``'s new tokens are rows
+  ``query_start_loc[i]:query_start_loc[i+1]``.
+* ``meta.seq_lens``: int32 ``[S]``; the context length of sequence ``i`` *including* its
+  new tokens. Its new tokens sit at positions ``seq_lens[i] - query_len_i ... seq_lens[i] - 1``.
+* ``meta.block_tables``: int32 ``[S, max_blocks]``; row ``i`` lists the KV pages of
+  sequence ``i`` in order (padding past the sequence's blocks is arbitrary).
+* ``meta.slot_mapping``: int64 ``[T]``; the flat cache slot (``block * block_size + offset``)
+  where each new token's K and V are written; ``-1`` means do not write.
+
+The backend writes the new K/V into the cache, then computes causal attention of each
+new token over its sequence's context (all earlier tokens plus itself), restricted to the
+last ``sliding_window`` positions when that is set. GQA: query head ``h`` reads KV head
+``h // (num_heads // num_kv_heads)``. The output is ``[T, num_heads * head_size]`` in q's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+class UnsupportedAttention(ValueError):
+    """A backend cannot serve the requested configuration; the message says why."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step tensors shared by every layer (see the module docstring for shapes).
+
+    The ``*_cpu`` lists mirror the tensors on the host so that backends can plan without
+    a device synchronisation. ``num_prefill_tokens`` is informational.
+    """
+
+    query_start_loc: Any
+    seq_lens: Any
+    block_tables: Any
+    slot_mapping: Any
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+    #: Free-form per-backend state built once per step by ``AttentionBackend.prepare``.
+    extra: Any = None
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The attention configuration a model asks for (per layer)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    dtype: str  # torch dtype name: "float32", "float16", "bfloat16"
+    sliding_window: int | None = None
+    scale: float | None = None  # defaults to head_size ** -0.5
+
+
+class AttentionBackend:
+    """A paged attention implementation for one or more platforms.
+
+    Subclasses set the class attributes and implement :meth:`forward`. The default
+    :meth:`supports` checks the declared head sizes, dtypes, sliding window and GQA;
+    override it for finer rules. One instance serves one layer.
+    """
+
+    name: ClassVar[str] = ""
+    device_types: ClassVar[tuple[str, ...]] = ()
+    priority: ClassVar[int] = 0
+    head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
+    dtypes: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+    sliding_window: ClassVar[bool] = True
+    gqa: ClassVar[bool] = True
+
+    @classmethod
+    def supports(cls, spec: AttentionSpec) -> str | None:
+        """Return ``None`` when ``spec`` is supported, else the reason it is not."""
+        if cls.head_sizes is not None and spec.head_size not in cls.head_sizes:
+            return f"{cls.name}: head size {spec.head_size} not in {list(cls.head_sizes)}"
+        if spec.dtype not in cls.dtypes:
+            return f"{cls.name}: dtype {spec.dtype} not in {list(cls.dtypes)}"
+        if spec.sliding_window and not cls.sliding_window:
+            return f"{cls.name}: sliding window not supported"
+        if spec.num_heads % spec.num_kv_heads:
+            return f"{cls.name}: num_heads {spec.num_heads} not a multiple of num_kv_heads {spec.num_kv_heads}"
+        if spec.num_kv_heads != spec.num_heads and not cls.gqa:
+            return f"{cls.name}: grouped-query attention not supported"
+        return None
+
+    @classmethod
+    def check(cls, spec: AttentionSpec) -> None:
+        """Raise :class:`UnsupportedAttention` with the reason when ``spec`` is unsupported."""
+        reason = cls.supports(spec)
+        if reason:
+            raise UnsupportedAttention(reason)
+
+    @classmethod
+    def kv_cache_shape(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor; the default is ``[2, blocks, block_size, kv_heads, head_size]``."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def copy_blocks(cls, kv_caches: list, copies: list[tuple[int, int]]) -> None:
+        """Copy whole pages ``src -> dst`` in every layer (copy-on-write of forked sequences).
+
+        The default matches the default :meth:`kv_cache_shape` (blocks on dimension 1).
+        """
+        if not copies:
+            return
+        import torch
+
+        src = torch.tensor([c[0] for c in copies], device=kv_caches[0].device)
+        dst = torch.tensor([c[1] for c in copies], device=kv_caches[0].device)
+        for cache in kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    @classmethod
+    def prepare(cls, meta: AttentionMetadata) -> None:
+        """Build per-step state once for all layers (stored in ``meta.extra``); optional."""
+
+    def __init__(self, spec: AttentionSpec):
+        self.check(spec)
+        self.spec = spec
+        self.scale = spec.scale if spec.scale is not None else spec.head_size ** -0.5
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
+        """Write ``k``/``v`` into ``kv_cache`` at ``meta.slot_mapping`` and return attention output ``[T, H*D]``."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``tokenmill bench``: each module defines ``add_arguments`` and ``run``."""

@@ -1,0 +1,140 @@
+"""``tokenmill bench throughput``: output tokens/s on a workload, tokenmill and HF side by side.
+
+Each engine runs in a fresh subprocess; only the generate call after the warm-up is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tokenmill.commands.engine_args import add_engine_arguments, engine_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
+    p.add_argument("--workload", default=None, help="a workload JSON (e.g. the shared workload W)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--compare", action="append", default=[], choices=["hf"],
+                   help="also run HF transformers generate on the same prompts")
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--json-out", default=None, help="write the results as JSON here")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    add_engine_arguments(p)
+
+
+def _workload(args, tokenizer):
+    from tokenmill.bench.workload import load_workload, synthetic_workload
+
+    if args.workload:
+        return load_workload(args.workload)
+    return synthetic_workload(tokenizer, args.num_prompts, args.min_len, args.max_len, args.output_len, args.seed)
+
+
+def _run_tokenmill(args, model: str) -> dict:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model=model, **engine_kwargs(args))
+    wl = _workload(args, llm.get_tokenizer())
+    params = SamplingParams(max_tokens=wl.max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in wl.warm], params)
+    before = llm.stats()
+    fwd0, step0, steps0 = before.forward_seconds, before.step_seconds, before.steps
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params)
+    elapsed = time.perf_counter() - t0
+    st = llm.stats()
+    n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    step_s = st.step_seconds - step0
+    return {"engine": "tokenmill", "workload": wl.name, "prompts": len(wl.prompts), "prompt_tokens": wl.prompt_tokens,
+            "output_tokens": n_out, "seconds": elapsed, "output_tok_s": n_out / elapsed,
+            "steps": st.steps - steps0, "outside_forward_share": 1 - (st.forward_seconds - fwd0) / step_s if step_s else 0,
+            "loop_outside_steps_s": elapsed - step_s, "platform": llm.engine.platform.name,
+            "kernels": llm.engine.runner.kernels.providers, "attention": llm.engine.runner.backend.name,
+            "first_tokens": outs[0].outputs[0].token_ids[:8]}
+
+
+def _run_hf(args, model: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    hf = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=dtype or torch.float32).eval()
+    wl = _workload(args, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def generate(prompts):
+        outs = []
+        for i in range(0, len(prompts), args.hf_batch_size):
+            batch = prompts[i:i + args.hf_batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.inference_mode():
+                out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=wl.max_tokens,
+                                  min_new_tokens=wl.max_tokens, do_sample=False, pad_token_id=pad)
+            outs.extend(out[:, width:].tolist())
+        return outs
+
+    generate(wl.warm)
+    t0 = time.perf_counter()
+    outs = generate(wl.prompts)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o) for o in outs)
+    return {"engine": "hf-generate", "workload": wl.name, "prompts": len(wl.prompts), "output_tokens": n_out,
+            "seconds": elapsed, "output_tok_s": n_out / elapsed, "batch_size": args.hf_batch_size,
+            "first_tokens": outs[0][:8]}
+
+
+def _subprocess(argv: list[str], worker: str) -> dict:
+    cmd = [sys.executable, "-m", "tokenmill", "bench", "throughput", *argv, "--_worker", worker]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{worker} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> int:
+    from tokenmill.default_model import resolve_model
+
+    model = resolve_model(args.model)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args._worker:
+        result = _run_tokenmill(args, model) if args._worker == "tokenmill" else _run_hf(args, model)
+        print(json.dumps(result))
+        return 0
+    argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]
+    results = []
+    for worker in ["tokenmill", *args.compare]:
+        print(f"running {worker} ...", file=sys.stderr, flush=True)
+        results.append(_subprocess(argv, worker))
+        r = results[-1]
+        print(f"  {r['engine']:<12} {r['output_tokens']:>7} tokens in {r['seconds']:.2f}s = "
+              f"{r['output_tok_s']:,.0f} output tok/s", file=sys.stderr, flush=True)
+    print(f"\n{'engine':<14}{'output tok/s':>14}{'seconds':>10}{'vs tokenmill':>14}")
+    base = results[0]["output_tok_s"]
+    for r in results:
+        print(f"{r['engine']:<14}{r['output_tok_s']:>14,.0f}{r['seconds']:>10.2f}{r['output_tok_s'] / base:>13.2f}x")
+    tm = results[0]
+    print(f"\ntokenmill: {tm['steps']} steps, {tm['outside_forward_share']:.1%} of step time outside the model "
+          f"forward; platform {tm['platform']}, attention {tm['attention']}")
+    for r in results[1:]:
+        same = r["first_tokens"] == tm["first_tokens"]
+        print(f"{r['engine']}: first greedy tokens of prompt 0 {'match' if same else 'DIFFER'} "
+              f"({tm['first_tokens']} vs {r['first_tokens']})")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

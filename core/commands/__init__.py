@@ -1,0 +1,1 @@
+"""Subcommands of the ``tokenmill`` CLI, one module each (see :mod:`tokenmill.cli`)."""

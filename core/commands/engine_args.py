@@ -1,0 +1,36 @@
+"""Engine flags shared by ``serve``, ``generate`` and ``bench`` (named like vLLM's)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _bytes(text: str) -> int:
+    """Parse sizes like ``2GiB``, ``512MB``, ``1e9``."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(float(t))
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="auto", help="platform name (cpu, cuda, rocm, xpu, tpu) or auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--kv-cache-memory", type=_bytes, default=None, help="KV cache size in bytes (e.g. 2GiB)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn automatic prefix caching off")
+    g.add_argument("--engine-seed", type=int, default=0, help="seed of the shared sampling generator")
+
+
+def engine_kwargs(args) -> dict:
+    """The ``LLM``/``EngineConfig`` keyword arguments from parsed flags."""
+    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed)

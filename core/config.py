@@ -1,0 +1,96 @@
+"""Engine configuration: small frozen dataclasses per subsystem, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and how: ``model`` is a local directory with config.json and safetensors.
+
+    ``max_model_len`` defaults to the checkpoint's ``max_position_embeddings``.
+    """
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model must name a local checkpoint directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _positive("max_model_len", self.max_model_len, allow_none=True)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size in tokens, and its size.
+
+    ``kv_cache_memory`` (bytes) fixes the pool's size; otherwise ``gpu_memory_utilization``
+    of the device's free memory is used (on cpu, ``cpu_kv_fraction`` of available RAM,
+    capped by ``max_kv_cache_memory``). ``num_blocks`` overrides both (tests).
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    memory_fraction: float = 0.9
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        _positive("block_size", self.block_size)
+        _positive("kv_cache_memory", self.kv_cache_memory, allow_none=True)
+        _positive("num_blocks", self.num_blocks, allow_none=True)
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step and tokens per step (chunked prefill)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    max_waiting: int | None = None
+
+    def __post_init__(self):
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_waiting", self.max_waiting, allow_none=True)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; build it with :meth:`from_kwargs` using CLI-style names."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "auto"
+    seed: int = 0
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        """Split flat options (``dtype``, ``block_size``, ``max_num_seqs``...) into the sub-configs."""
+        parts = {}
+        for sub in (ModelConfig, CacheConfig, SchedulerConfig):
+            names = {f.name for f in fields(sub)}
+            parts[sub] = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        top = {k: kwargs.pop(k) for k in list(kwargs) if k in ("device", "seed")}
+        if kwargs:
+            raise ValueError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
+        return cls(model=ModelConfig(model=model, **parts[ModelConfig]), cache=CacheConfig(**parts[CacheConfig]),
+                   scheduler=SchedulerConfig(**parts[SchedulerConfig]), **top)

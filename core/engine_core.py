@@ -1,0 +1,203 @@
+"""The engine core: the scheduler and the model runner, stepping on token ids.
+
+It knows nothing of text. Each :meth:`EngineCore.step` schedules, executes and applies the
+results, and returns a :class:`SeqUpdate` per sequence that produced tokens or finished.
+Under the server it runs in its own process (:mod:`tokenmill.core_process`); offline,
+:class:`tokenmill.llm.LLM` calls it directly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.config import EngineConfig
+from tokenmill.kv.manager import KVCacheManager
+from tokenmill.scheduler import Scheduler
+from tokenmill.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqUpdate:
+    """What one step did to one sequence: new tokens (and logprobs), and whether it finished."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges for metrics and benchmarks."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_queries_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queries_tokens if self.prefix_queries_tokens else 0.0
+
+    @property
+    def outside_forward_share(self) -> float:
+        """Share of step time spent outside the model forward (scheduling, batch building, bookkeeping)."""
+        return 1.0 - self.forward_seconds / self.step_seconds if self.step_seconds else 0.0
+
+
+class EngineCore:
+    """Owns the platform, model runner, KV cache manager and scheduler."""
+
+    def __init__(self, config: EngineConfig, plugin_manager=None):
+        from transformers import AutoConfig
+
+        from tokenmill.model_runner import ModelRunner
+        from tokenmill.plugins import get_plugin_manager
+
+        self.config = config
+        pm = plugin_manager or get_plugin_manager()
+        self.platform = pm.select_platform(config.device)
+        hf_config = AutoConfig.from_pretrained(config.model.model, local_files_only=True)
+        self.hf_config = hf_config
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        max_len = config.model.max_model_len or limit
+        if max_len > limit:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {limit}")
+        self.max_model_len = max_len
+        self.runner = ModelRunner(config, self.platform, pm, hf_config)
+        bs = config.cache.block_size
+        max_needed = config.scheduler.max_num_seqs * math.ceil(max_len / bs) + 1
+        num_blocks = self.runner.num_kv_blocks(max_needed)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_len)
+        self.vocab_size = hf_config.vocab_size
+        self.eos_token_id = hf_config.eos_token_id
+        self._stats = EngineStats(num_blocks=num_blocks)
+        self._seqs: dict[str, list[Sequence]] = {}
+        log.info("engine: model %s on %s, %d KV blocks of %d tokens (%d tokens), backend %s, kernels %s",
+                 config.model.model, self.platform.name, num_blocks, bs, num_blocks * bs,
+                 self.runner.backend.name, self.runner.kernels.providers)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.kv.num_blocks * self.kv.block_size
+
+    # -- requests ------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params) -> int:
+        """Validate a request against the model; returns its effective ``max_tokens``. Raises ValueError."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must contain at least one token")
+        if n >= self.max_model_len and not (params.max_tokens == 0 and n <= self.max_model_len):
+            raise ValueError(f"prompt is {n} tokens long, but the model's context (max_model_len) is "
+                             f"{self.max_model_len} tokens")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt contains token id(s) {bad[:5]} outside the vocabulary (size {self.vocab_size})")
+        params.verify_vocab(self.vocab_size)
+        room = self.max_model_len - n
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {n} tokens exceeds the model's "
+                             f"context (max_model_len) of {self.max_model_len} tokens")
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None = None,
+                    arrival: float | None = None) -> None:
+        """Queue a request (``n`` continuations fork from one prompt computation)."""
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if self.config.scheduler.max_waiting is not None and len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+        max_tokens = self.check_request(prompt_token_ids, params)
+        eos = self.eos_token_id[0] if isinstance(self.eos_token_id, list) else self.eos_token_id
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, max_tokens,
+                       eos_token_id=eos, salt=cache_salt, arrival=arrival or time.monotonic())
+        seq.pending_forks = params.n - 1
+        self._seqs[request_id] = [seq]
+        self.scheduler.add(seq)
+        self._stats.prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is and free its blocks; unknown ids are ignored."""
+        self.scheduler.abort(request_id)
+        self._seqs.pop(request_id, None)
+
+    def finish_seq(self, request_id: str, index: int, stop_reason: str | None = None) -> None:
+        """End one continuation early (a stop string matched in the frontend's detokenizer)."""
+        for seq in self._seqs.get(request_id, []):
+            if seq.index == index:
+                self.scheduler.finish(seq, FinishReason.STOP, stop_reason)
+        self._forget_if_done(request_id)
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self._seqs.get(request_id)
+        if seqs and all(s.is_finished for s in seqs) and not any(s.pending_forks for s in seqs):
+            del self._seqs[request_id]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[SeqUpdate]:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        lengths = {item.seq.seq_id: item.seq.num_tokens for item in plan.seqs}
+        touched = self.scheduler.update(plan, result)
+        updates = []
+        for seq in touched:
+            # children forked this step were not in the plan: all their output is new
+            new = seq.token_ids[lengths.get(seq.seq_id, seq.num_prompt_tokens):]
+            plp = result.prompt_logprobs.get(seq.seq_id)
+            if not new and not seq.is_finished and plp is None:
+                continue
+            self._stats.generation_tokens += len(new)
+            updates.append(SeqUpdate(seq.request_id, seq.index, new, seq.logprobs[len(seq.logprobs) - len(new):]
+                                     if seq.logprobs else [], plp,
+                                     seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
+                                     seq.num_cached_tokens))
+            if seq.pending_forks == 0 and seq.request_id in self._seqs and seq not in self._seqs[seq.request_id]:
+                self._seqs[seq.request_id].append(seq)
+        for request_id in {u.request_id for u in updates}:
+            self._forget_if_done(request_id)
+        self._stats.steps += 1
+        self._stats.forward_seconds += result.forward_seconds
+        self._stats.step_seconds += time.perf_counter() - t0
+        return updates
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_usage = self.kv.usage
+        s.num_free_blocks = self.kv.num_free_blocks
+        s.prefix_queries_tokens = self.kv.stats.queries_tokens
+        s.prefix_hit_tokens = self.kv.stats.hit_tokens
+        s.num_preemptions = self.scheduler.num_preemptions
+        return s
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at ``max_waiting``; the caller should retry later."""

@@ -1,0 +1,86 @@
+"""The tokenmill plugin contract: one hook per registry.
+
+A plugin is a module named by an entry point in the group ``tokenmill``. It sets
+``TOKENMILL_CONTRACT = "MAJOR.MINOR"`` (see :mod:`tokenmill.version`) and defines any of
+the hooks below with ``@tokenmill.hookimpl``. The core registers its own built-ins
+(reference kernels, reference attention, models) through these same hooks.
+
+Every hook returns a list (possibly empty); the manager concatenates the lists of all
+plugins. Hooks are called once, at start-up; the hot path uses the plain objects they
+return, never ``pm.hook``. New keyword arguments may be added to a hook within a major
+version; pluggy lets an implementation accept fewer arguments than its spec.
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "tokenmill"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def tokenmill_platforms():
+    """Return a list of :class:`tokenmill.platform.Platform` instances this plugin provides.
+
+    Each platform has a unique ``name`` (the value of ``--device``), a torch device type,
+    a ``priority`` for ``--device auto`` and an ``availability()`` that answers without
+    raising, giving the reason when it is unavailable. Constructing a platform must be
+    cheap and must not import vendor libraries (torch_xla, IPEX) eagerly: import them in
+    ``availability()`` or later.
+    """
+
+
+@hookspec
+def tokenmill_attention_backends():
+    """Return a list of :class:`tokenmill.attention.interface.AttentionBackend` subclasses.
+
+    Each class names the platforms it serves in ``device_types`` (platform names such as
+    ``"cpu"``, ``"cuda"``), a ``priority`` among backends for the same platform, and
+    declares what it supports (head sizes, dtypes, sliding window, GQA) through
+    ``supports()``. The engine picks the highest-priority backend whose ``supports()``
+    accepts the model; the core's reference backend serves every platform at priority 0.
+    """
+
+
+@hookspec
+def tokenmill_kernels():
+    """Return a list of :class:`tokenmill.ops.registry.KernelImpl` (op name, platform name, function).
+
+    The op names and their exact signatures are in :mod:`tokenmill.ops.registry` (``OPS``).
+    An implementation must match the core's reference op within the conformance suite's
+    tolerances. Ops a plugin does not register fall back to the reference. When several
+    plugins register the same (op, platform), the highest ``priority`` wins.
+    """
+
+
+@hookspec
+def tokenmill_quantization_methods():
+    """Return a list of quantization method classes.
+
+    A method has a ``name`` (``"int8"``, ``"fp8"``, ``"awq"``, ``"gptq"``), creates a
+    linear layer's weights, post-processes them after loading and applies the matmul.
+    A plugin may register a faster class for a format under the same name with a higher
+    ``priority`` and the platforms it serves in ``device_types``.
+    """
+
+
+@hookspec
+def tokenmill_guided_decoding_backends():
+    """Return a list of guided-decoding backend classes.
+
+    A backend has a ``name`` (``"xgrammar"``, ``"outlines"``) and compiles a JSON schema,
+    regex, choice list or grammar into a per-request matcher that fills the allowed-token
+    bitmask, accepts a token, reports termination and returns the forced continuation.
+    """
+
+
+@hookspec
+def tokenmill_model_architectures():
+    """Return a list of ``(architecture_name, model_class)`` pairs.
+
+    ``architecture_name`` is the value found in a checkpoint's ``config.json``
+    ``architectures`` list (``"LlamaForCausalLM"``). ``model_class`` follows
+    :class:`tokenmill.models.interface.CausalLM`. A later registration of the same
+    name replaces an earlier one, so a plugin may override a built-in model.
+    """

@@ -1,0 +1,1 @@
+"""Model implementations over the attention interface, and the checkpoint loader."""

@@ -1,0 +1,117 @@
+"""Building blocks shared by the model implementations.
+
+Weights are allocated uninitialised on the target device in the target dtype (loading
+fills them), and never require grad. Every parameter carries a ``weight_loader(param,
+tensor, shard=None)`` that copies a checkpoint tensor (or one shard of a fused weight,
+e.g. ``"k"`` of a fused qkv projection) into place, casting dtype and device; it checks
+shapes and records what was loaded so that :func:`check_all_loaded` can report gaps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def new_param(shape, ctx, shards: tuple = (None,)) -> nn.Parameter:
+    """An uninitialised parameter of ``shape`` on ``ctx.device`` in ``ctx.dtype``.
+
+    ``shards`` names the pieces a checkpoint provides for it (``(None,)``: the whole tensor).
+    """
+    p = nn.Parameter(torch.empty(shape, device=ctx.device, dtype=ctx.dtype), requires_grad=False)
+    p.expected_shards = set(shards)
+    p.loaded_shards = set()
+    p.weight_loader = default_weight_loader
+    return p
+
+
+def _copy(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard=None, name: str = "") -> None:
+    """Copy the whole ``tensor`` into ``param``."""
+    _copy(name, param.data, tensor)
+    param.loaded_shards.add(None)
+
+
+def sliced_weight_loader(offsets: dict):
+    """A loader for a weight fused along dim 0: ``offsets[shard] = (start, size)``."""
+
+    def load(param, tensor, shard=None, name=""):
+        if shard is None:
+            _copy(name, param.data, tensor)
+            param.loaded_shards.update(offsets)
+            return
+        start, size = offsets[shard]
+        _copy(name, param.data.narrow(0, start, size), tensor)
+        param.loaded_shards.add(shard)
+
+    return load
+
+
+def check_all_loaded(module: nn.Module) -> None:
+    """Raise ``ValueError`` naming the parameters (or shards of them) the checkpoint did not provide."""
+    missing = []
+    for name, p in module.named_parameters():
+        gaps = getattr(p, "expected_shards", {None}) - getattr(p, "loaded_shards", {None})
+        missing += [name if s is None else f"{name}[{s}]" for s in sorted(gaps, key=str)]
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:10])}{more}")
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T + b``; with ``shard_sizes`` the output rows are several fused projections.
+
+    ``shard_sizes``: ordered ``{shard_name: rows}`` (e.g. ``{"q": 512, "k": 128, "v": 128}``);
+    checkpoints provide each shard under its own name and the loader places it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx, shard_sizes: dict | None = None):
+        super().__init__()
+        if shard_sizes is not None and sum(shard_sizes.values()) != out_features:
+            raise ValueError(f"shard sizes {shard_sizes} do not add up to {out_features}")
+        shards = tuple(shard_sizes) if shard_sizes else (None,)
+        self.weight = new_param((out_features, in_features), ctx, shards)
+        self.bias = new_param((out_features,), ctx, shards) if bias else None
+        if shard_sizes:
+            offsets, start = {}, 0
+            for shard, size in shard_sizes.items():
+                offsets[shard] = (start, size)
+                start += size
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    p.weight_loader = sliced_weight_loader(offsets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation through the platform's ``rms_norm`` / ``fused_add_rms_norm`` kernels."""
+
+    def __init__(self, hidden_size: int, eps: float, ctx):
+        super().__init__()
+        self.weight = new_param((hidden_size,), ctx)
+        self.eps = eps
+        self.kernels = ctx.kernels
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``rms_norm(x)``, or with ``residual``: ``(rms_norm(x + residual), x + residual)``."""
+        if residual is None:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Embedding(nn.Module):
+    """Token embedding table ``[vocab, hidden]``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ctx):
+        super().__init__()
+        self.weight = new_param((num_embeddings, embedding_dim), ctx)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)

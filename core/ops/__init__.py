@@ -1,0 +1,1 @@
+"""Ops: the reference implementations and the registry that resolves per-platform overrides."""

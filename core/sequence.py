@@ -1,0 +1,89 @@
+"""A sequence as the scheduler sees it: token ids and counts, never tensors."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended (values as the OpenAI API names them)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation of a request.
+
+    ``token_ids`` holds the prompt followed by the output; ``num_computed`` counts the
+    positions whose KV is in the cache. ``params`` is the request's SamplingParams (read
+    by the model runner's sampler; the scheduler reads only the stop conditions).
+    ``index`` is the position among the request's ``n`` continuations.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: Any
+    max_tokens: int
+    eos_token_id: int | None = None
+    salt: str | None = None
+    index: int = 0
+    arrival: float = 0.0
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    prefix_matched: bool = False
+    #: Prompt tokens served from the prefix cache at the first scheduling.
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    #: Per-token logprob records appended by the engine when the request asks for them.
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    #: Children still to fork from this sequence once its prompt is computed (n > 1).
+    pending_forks: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def fork(self, index: int) -> "Sequence":
+        """A child sharing everything computed so far (its KV blocks are forked by the KV manager)."""
+        child = Sequence(self.request_id, list(self.token_ids), self.num_prompt_tokens, self.params,
+                         self.max_tokens, self.eos_token_id, self.salt, index, self.arrival)
+        child.num_computed = self.num_computed
+        child.status = self.status
+        child.prefix_matched = True
+        child.logprobs = list(self.logprobs)
+        return child

@@ -1,0 +1,21 @@
+"""The hooks tokenmill-cuda registers (entry point ``cuda`` in the group ``tokenmill``).
+
+Kept free of heavy imports: the plugin manager imports this module at start-up.
+"""
+from __future__ import annotations
+
+from tokenmill.hookspecs import hookimpl
+
+TOKENMILL_CONTRACT = "1.0"
+
+
+@hookimpl
+def tokenmill_platforms():
+    from tokenmill_cuda.platform import CudaPlatform
+
+    return [CudaPlatform()]
+
+
+# The shared Triton kernels (tokenmill.kernels.triton, one copy for CUDA, ROCm and XPU)
+# register here through ``tokenmill_kernels`` and ``tokenmill_attention_backends`` for
+# the platform name "cuda"; ops not registered fall back to the core's reference.
