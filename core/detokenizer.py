@@ -105,6 +105,7 @@ class OutputText:
     ``include_stop_str_in_output``) and the sequence must finish. Stop strings are not looked
     for until ``min_tokens`` tokens have been generated (vLLM's rule).
     ``text`` is everything sent so far; after ``finish()`` or a stop hit it is the final text.
+    Only for ``params.detokenize``; without it the engine makes no text at all.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams):
@@ -158,4 +159,4 @@ class OutputText:
         end = len(self._all) if final else max(self._sent, len(self._all) - self.hold)
         out = self._all[self._sent:end]
         self._sent = end
-        return out, self.stop_hit if self.finished and self.stop_hit else None
+        return out, self.stop_hit

@@ -49,12 +49,18 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         order = []
-        for prompt, p in zip(prompts, params):
-            text, ids = self._tokenize(prompt)
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, p, cache_salt=cache_salt)
-            self.processor.add(rid, text, ids, p)
-            order.append(rid)
+        try:
+            for prompt, p in zip(prompts, params):
+                text, ids = self._tokenize(prompt)
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, p, cache_salt=cache_salt)
+                self.processor.add(rid, text, ids, p)
+                order.append(rid)
+        except BaseException:
+            for rid in order:  # one bad prompt rejects the whole call; nothing stays queued
+                self.engine.abort(rid)
+                self.processor.abort(rid)
+            raise
         return self._run(order, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,

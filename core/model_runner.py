@@ -11,18 +11,33 @@ import time
 
 import torch
 
-from tokenmill.attention.interface import AttentionMetadata
+from tokenmill.attention.interface import AttentionMetadata, AttentionSpec
 from tokenmill.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
-from tokenmill.sampler import Sampler, SamplingBatch, prompt_chunk_logprobs
+from tokenmill.sampler import Sampler, SamplingBatch, _to_python, compute_token_logprobs
 
 log = logging.getLogger(__name__)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _attention_spec(model_cls, cfg, dtype_name: str) -> AttentionSpec:
+    """The attention configuration a model will ask for, before building it (to pick the backend)."""
+    try:
+        return model_cls.attention_spec_for(cfg, dtype_name)
+    except (AttributeError, NotImplementedError):
+        pass
+    heads = cfg.num_attention_heads
+    head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    window = None
+    if hasattr(model_cls, "layer_sliding_window"):
+        windows = {model_cls.layer_sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)}
+        window = windows.pop() if len(windows) == 1 else None
+    return AttentionSpec(heads, getattr(cfg, "num_key_value_heads", None) or heads, head_size, dtype_name, window)
 
 
 class ModelRunner:
@@ -43,7 +58,7 @@ class ModelRunner:
         model_cls = next((archs[n] for n in names if n in archs), None)
         if model_cls is None:
             raise ValueError(f"unknown architecture {names}; supported architectures: {', '.join(sorted(archs))}")
-        spec = model_cls.attention_spec_for(hf_config, dtype_name)
+        spec = _attention_spec(model_cls, hf_config, dtype_name)
         self.backend = plugin_manager.attention_backend(platform.name, spec)
         ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device)
         self.model = load_model(config.model.model, ctx, plugin_manager.model_architectures())
@@ -180,5 +195,6 @@ class ModelRunner:
         if last > start:
             logits = self.model.compute_logits(hidden[: last - start])
             targets = seq.token_ids[start + 1:last + 1]
-            records.extend(prompt_chunk_logprobs(logits, targets, seq.params.prompt_logprobs))
+            k = seq.params.prompt_logprobs
+            records.extend(_to_python(compute_token_logprobs(logits, targets, k), [k] * len(targets)))
         result.prompt_logprobs[seq.seq_id] = records

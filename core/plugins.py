@@ -19,7 +19,7 @@ from typing import Any
 import pluggy
 
 from tokenmill import builtin, hookspecs
-from tokenmill.platform import Platform
+from tokenmill.platform import Availability, Platform
 from tokenmill.version import CONTRACT_VERSION, __version__, contract_compatible
 
 ENTRY_POINT_GROUP = "tokenmill"
@@ -61,6 +61,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def safe_availability(platform: Platform) -> Availability:
+    """``platform.availability()``, turning an exception (a plugin bug) into "unavailable" with the error."""
+    try:
+        avail = platform.availability()
+    except Exception as exc:  # noqa: BLE001 - one broken platform must not break selection
+        return Availability(False, f"availability() raised {_one_line(exc)}")
+    if not isinstance(avail, Availability):
+        return Availability(bool(avail), "" if avail else "availability() returned a false value without a reason")
+    return avail
+
+
 class PluginManager:
     """Discovery and wiring at start-up. Call :meth:`load` (idempotent), then read the registries."""
 
@@ -85,10 +96,11 @@ class PluginManager:
             if self._loaded:
                 return self
             self._register(CORE_NAME, CORE_NAME, __version__, builtin)
-            for ep in sorted(entry_points(group=self.group), key=lambda e: e.name):
+            found = sorted(entry_points(group=self.group), key=lambda e: e.name)
+            for ep in found:
                 if self.allowlist is not None and ep.name not in self.allowlist:
                     continue
-                if any(p.name == ep.name for p in self.plugins):
+                if any(p.name == ep.name for p in self.plugins) or any(f.name == ep.name for f in self.failures):
                     continue
                 dist = ep.dist.name if ep.dist else ""
                 version = ep.dist.version if ep.dist else ""
@@ -101,7 +113,11 @@ class PluginManager:
                                                        traceback.format_exc()))
                     continue
                 self._register(ep.name, dist, version, module)
-            self.pm.check_pending()
+            for name in self.allowlist or ():
+                if name != CORE_NAME and not any(ep.name == name for ep in found):
+                    self.failures.append(PluginFailure(
+                        name, "", "", None,
+                        f"named in TOKENMILL_PLUGINS but no entry point {name!r} is installed in group {self.group!r}"))
             self._loaded = True
             return self
 
@@ -126,8 +142,19 @@ class PluginManager:
             return False
         try:
             self.pm.register(module, name=name)
-        except Exception as exc:  # e.g. a hookimpl that matches no hookspec (pluggy validation)
+        except Exception as exc:  # e.g. a hookimpl whose arguments do not match its hookspec
             self.failures.append(PluginFailure(name, dist, version, exc, _one_line(exc), traceback.format_exc()))
+            return False
+        # pluggy's check_pending() would raise for the whole manager; refuse only this plugin.
+        unknown = sorted(c.name for c in self.pm.get_hookcallers(module) or ()
+                         if not c.has_spec() and any(i.plugin is module and not i.optionalhook
+                                                     for i in c.get_hookimpls()))
+        if unknown:
+            self.pm.unregister(module)
+            self.failures.append(PluginFailure(
+                name, dist, version, None,
+                f"plugin {name!r} implements unknown hook(s) {', '.join(unknown)}; "
+                f"contract {CONTRACT_VERSION} hooks are: {', '.join('tokenmill_' + r for r in REGISTRIES)}"))
             return False
         info = PluginInfo(name, dist, version, str(contract), module)
         self.plugins.append(info)
@@ -195,14 +222,14 @@ class PluginManager:
         if device == "auto":
             reasons = []
             for p in platforms:
-                avail = p.availability()
+                avail = safe_availability(p)
                 if avail:
                     return p
                 reasons.append(f"{p.name}: {avail.reason}")
             raise PlatformUnavailable("no available platform; " + "; ".join(reasons or ["none installed"]))
         for p in platforms:
             if p.name == device:
-                avail = p.availability()
+                avail = safe_availability(p)
                 if not avail:
                     raise PlatformUnavailable(f"platform {device!r} is not available: {avail.reason}")
                 return p

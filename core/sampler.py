@@ -16,6 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from tokenmill.batch import TokenLogprobs  # noqa: F401 - the record type the runner returns
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -51,6 +52,7 @@ class SamplingBatch:
     greedy_mask: torch.Tensor | None          # bool [N]; None when all rows agree
     temperature: torch.Tensor | None          # float32 [N] (1.0 on greedy rows); None if all greedy
     top_k: torch.Tensor | None                # int64 [N], V where off; None if no row uses it
+    max_top_k: int                            # largest k in use (host int: no device sync)
     top_p: torch.Tensor | None                # float32 [N]
     min_p: torch.Tensor | None                # float32 [N]
     # logit_bias and min_tokens: flat (row, token, value) triples for index_put_.
@@ -94,10 +96,12 @@ class SamplingBatch:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         temperature = top_k = top_p = min_p = None
+        max_top_k = 0
         if not all_greedy:
             temperature = f32([1.0 if g else p.temperature for p, g in zip(params, greedy)])
             if any(not g and 0 < p.top_k < V for p, g in zip(params, greedy)):
-                top_k = i64([p.top_k if (not g and 0 < p.top_k < V) else V for p, g in zip(params, greedy)])
+                ks = [p.top_k if (not g and 0 < p.top_k < V) else V for p, g in zip(params, greedy)]
+                top_k, max_top_k = i64(ks), max(k for k in ks if k < V)
             if any(not g and p.top_p < 1.0 for p, g in zip(params, greedy)):
                 top_p = f32([1.0 if g else p.top_p for p, g in zip(params, greedy)])
             if any(not g and p.min_p > 0.0 for p, g in zip(params, greedy)):
@@ -108,11 +112,13 @@ class SamplingBatch:
         for i, r in enumerate(rows):
             for tok, val in (r.params.logit_bias or {}).items():
                 if 0 <= tok < V:
-                    b_rows.append(i), b_toks.append(tok), b_vals.append(val)
+                    b_rows.append(i)
+                    b_toks.append(tok)
+                    b_vals.append(val)
             if r.num_generated < r.params.min_tokens:
-                for tok in r.params.all_stop_token_ids(r.eos_token_id):
-                    if 0 <= tok < V:
-                        k_rows.append(i), k_toks.append(tok)
+                blocked = [t for t in r.params.all_stop_token_ids(r.eos_token_id) if 0 <= t < V]
+                k_rows += [i] * len(blocked)
+                k_toks += blocked
 
         pen = [
             i for i, p in enumerate(params)
@@ -150,6 +156,7 @@ class SamplingBatch:
             greedy_mask=None if (all_greedy or all_random) else torch.tensor(greedy, device=device),
             temperature=temperature,
             top_k=top_k,
+            max_top_k=max_top_k,
             top_p=top_p,
             min_p=min_p,
             bias_index=(i64(b_rows), i64(b_toks)) if b_rows else None,
@@ -190,17 +197,6 @@ class LogprobsTensors:
     ranks: torch.Tensor          # int64 [N]
     top_ids: torch.Tensor        # int64 [N, K]
     top_logprobs: torch.Tensor   # float32 [N, K]
-
-
-@dataclass
-class TokenLogprobs:
-    """One position's logprobs in Python form: the chosen token, its logprob and rank, and
-    the top-N ``(token_id, logprob)`` pairs in descending order (N as requested)."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
 
 
 def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor, num_top: int) -> LogprobsTensors:
@@ -263,9 +259,10 @@ class Sampler:
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         else:
-            sampled = self._sample(logits, meta)
-            if meta.greedy_mask is not None:
-                sampled = torch.where(meta.greedy_mask, logits.argmax(dim=-1), sampled)
+            greedy = logits.argmax(dim=-1) if meta.greedy_mask is not None else None
+            sampled = self._sample(logits, meta)  # works in place on logits
+            if greedy is not None:
+                sampled = torch.where(meta.greedy_mask, greedy, sampled)
 
         lp = None
         if meta.max_num_logprobs is not None:
@@ -274,8 +271,10 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, meta: SamplingBatch) -> torch.Tensor:
         logits.div_(meta.temperature.unsqueeze(1))
-        if meta.top_k is not None or meta.top_p is not None:
+        if meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        elif meta.top_k is not None:
+            logits = apply_top_k_only(logits, meta.top_k, meta.max_top_k)
         probs = torch.softmax(logits, dim=-1)
         if meta.min_p is not None:
             probs = apply_min_p(probs, meta.min_p)
@@ -293,7 +292,7 @@ class Sampler:
                 ).exponential_(generator=self.generator)
             for i, g in enumerate(meta.generators):
                 if g is not None:
-                    q[i].exponential_(generator=self.generator)
+                    q[i].exponential_(generator=g)
         # Exp(1) can round to 0; a zero would turn a masked 0-probability token into 0/0.
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
@@ -336,6 +335,16 @@ def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
         drop[:, -1] = False
         sorted_logits.masked_fill_(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Top-k without a full sort (``max_k`` = the largest k below V): keep logits >= each row's
+    k-th largest (ties at the boundary are kept); rows with ``k == V`` are left alone."""
+    V = logits.shape[1]
+    top = logits.topk(max_k, dim=-1).values
+    kth = top.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
+    kth = kth.masked_fill_((k >= V).unsqueeze(1), float("-inf"))
+    return logits.masked_fill_(logits < kth, float("-inf"))
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

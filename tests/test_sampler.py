@@ -99,6 +99,24 @@ def test_top_k_stays_in_set():
     assert drawn == allowed  # inside the set, and the set is reachable
 
 
+@pytest.mark.parametrize("with_top_p", [False, True])
+def test_top_k_per_row_in_one_batch(with_top_p):
+    torch.manual_seed(6)
+    lg = torch.randn(V)
+    ks = [2, 0, 7, V + 5]  # 0 and k >= V: off
+    reps = 800
+    logits = lg.repeat(len(ks) * reps, 1)
+    top_p = 0.999999 if with_top_p else 1.0  # forces the sort-based path without changing the sets
+    rows = [row(SamplingParams(temperature=3.0, top_k=k, top_p=top_p)) for k in ks] * reps
+    drawn = sample(logits, rows, Sampler(torch.Generator().manual_seed(1))).sampled_token_ids.view(reps, len(ks))
+    for j, k in enumerate(ks):
+        got = set(drawn[:, j].tolist())
+        if 0 < k < V:
+            assert got == set(torch.topk(lg, k).indices.tolist())
+        else:
+            assert len(got) > 7
+
+
 def test_top_p_stays_in_set():
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05] + [0.0] * 0)
     lg = probs.log()

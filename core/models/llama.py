@@ -177,14 +177,23 @@ class LlamaForCausalLM(nn.Module, CausalLM):
         else:
             self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, False, ctx)
 
+    @classmethod
+    def attention_spec_for(cls, hf_config, dtype_name: str) -> AttentionSpec:
+        """The spec this class will ask for with ``hf_config`` (before building it: to pick a backend).
+
+        ``sliding_window`` is set when any layer slides (so that a backend without sliding
+        windows is not picked); layers may differ (Qwen2 ``max_window_layers``), so it must
+        not be taken to mean that every layer forgets tokens outside the window.
+        """
+        heads = hf_config.num_attention_heads
+        windows = {cls.layer_sliding_window(hf_config, i) for i in range(hf_config.num_hidden_layers)} - {None}
+        return AttentionSpec(num_heads=heads, num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                             head_size=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+                             dtype=dtype_name, sliding_window=max(windows) if windows else None)
+
     def attention_spec(self) -> tuple[int, AttentionSpec]:
-        """``(num_layers, spec)``; ``spec.sliding_window`` is set only if every layer slides by the same window."""
-        specs = [layer.self_attn.spec for layer in self.model.layers]
-        windows = {s.sliding_window for s in specs}
-        spec = specs[0]
-        if len(windows) > 1:
-            spec = AttentionSpec(spec.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype, None, spec.scale)
-        return len(specs), spec
+        """``(num_layers, spec)``; see :meth:`attention_spec_for` for the meaning of ``sliding_window``."""
+        return self.hf_config.num_hidden_layers, self.attention_spec_for(self.hf_config, _dtype_name(self.ctx.dtype))
 
     def forward(self, input_ids, positions, kv_caches: list, meta):
         return self.model(input_ids, positions, kv_caches, meta)

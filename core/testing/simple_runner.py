@@ -81,6 +81,14 @@ class SimpleRunner:
                 meta)
 
     @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 logits ``[len(token_ids), vocab]`` of one prompt prefilled in a single step."""
+        seq = _Seq(list(token_ids), len(token_ids), 0)
+        input_ids, positions, meta = self.build_step([(seq, len(token_ids))])
+        self.backend.prepare(meta)
+        return self.model.compute_logits(self.model.forward(input_ids, positions, self.kv_caches, meta))
+
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, chunk_size: int | None = None):
         """Greedy-decode every prompt for ``max_new_tokens`` (no stop tokens).
 

@@ -1,0 +1,105 @@
+"""``POST /v1/chat/completions``: the tokenizer's chat template, then generation, streaming or not."""
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.api.async_engine import RequestRejected
+from tokenmill.api.errors import bad_request
+from tokenmill.api.protocol import ChatCompletionRequest
+from tokenmill.api.serving import SSE_DONE, Serving, Submitted, engine_error, sse, usage
+from tokenmill.core_process import CoreDead
+from tokenmill.tokenizer import render_chat
+
+
+def render(srv: Serving, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
+           add_special_tokens: bool, chat_template: str | None = None, kwargs: dict | None = None):
+    """``(prompt text, token ids)`` of a conversation; template problems are 400s naming ``messages``."""
+    try:
+        text = render_chat(srv.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, chat_template=chat_template,
+                           **(kwargs or {}))
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    return text, srv.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _echo(req: ChatCompletionRequest, conversation: list[dict]) -> str:
+    last = conversation[-1]
+    return last["content"] if req.echo and last.get("role") == "assistant" else ""
+
+
+async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
+    srv.check_model(req.model)
+    srv.log_unknown(req, "chat.completions")
+    params = srv.sampling_params(req)
+    try:
+        conversation = req.conversation()
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    text, ids = render(srv, conversation, req.add_generation_prompt, req.continue_final_message,
+                       req.add_special_tokens, req.chat_template, req.chat_template_kwargs)
+    max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    srv.check_prompt(ids, params, "messages", max_param)
+    sub = srv.submit("chatcmpl", [(text, ids)], params, req.stream, req.cache_salt)
+    if req.stream:
+        await srv.accepted(sub)
+        return StreamingResponse(_stream(srv, req, sub, _echo(req, conversation)), media_type="text/event-stream")
+    finals = await srv.final_outputs(sub)
+    return JSONResponse(_response(srv, req, sub, finals, _echo(req, conversation)))
+
+
+def _logprobs(srv: Serving, req: ChatCompletionRequest, c) -> dict | None:
+    if not req.logprobs:
+        return None
+    return {"content": srv.chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0)}
+
+
+def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: dict, echo: str) -> dict:
+    (out,) = finals.values()
+    choices = []
+    for c in out.outputs:
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
+                        "logprobs": _logprobs(srv, req, c), "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason})
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return {"id": sub.id, "object": "chat.completion", "created": sub.created, "model": srv.model_name,
+            "choices": choices, "usage": usage(sub.prompt_tokens, completion_tokens, out.num_cached_tokens)}
+
+
+async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo: str):
+    head = {"id": sub.id, "object": "chat.completion.chunk", "created": sub.created, "model": srv.model_name}
+    counts = [0] * req.n
+    finished = set()
+
+    def chunk(choices):
+        c = {**head, "choices": choices}
+        if req.continuous_usage:
+            c["usage"] = usage(sub.prompt_tokens, sum(counts))
+        return sse(c)
+
+    try:
+        # The role comes first, as OpenAI sends it (with the echoed text, if any).
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
+                          "finish_reason": None}])
+        async for out in srv.engine.results(sub.group):
+            for c in out.outputs:
+                if c.index in finished or not (c.text or c.token_ids or c.finish_reason):
+                    continue
+                counts[c.index] += len(c.token_ids)
+                delta = {"content": c.text} if c.text or c.finish_reason is None else {}
+                choice = {"index": c.index, "delta": delta, "logprobs": _logprobs(srv, req, c),
+                          "finish_reason": c.finish_reason}
+                if c.finish_reason is not None:
+                    choice["stop_reason"] = c.stop_reason
+                    finished.add(c.index)
+                yield chunk([choice])
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts))})
+        yield SSE_DONE
+    except (RequestRejected, CoreDead) as exc:
+        yield engine_error(exc).sse()
+        yield SSE_DONE
+    finally:
+        if not sub.group.done:
+            srv.engine.abort(sub.group)

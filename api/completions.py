@@ -1,0 +1,113 @@
+"""``POST /v1/completions``: text or token-id prompts, streaming or not, with echo and logprobs."""
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.api.async_engine import RequestRejected
+from tokenmill.api.errors import bad_request
+from tokenmill.api.protocol import CompletionRequest
+from tokenmill.api.serving import SSE_DONE, Serving, Submitted, engine_error, sse, usage
+from tokenmill.core_process import CoreDead
+
+
+def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """Each prompt as ``(text or None, token ids)``; a list of strings or of id lists is a batch."""
+    p = req.prompt
+    if isinstance(p, str):
+        items = [p]
+    elif not p:
+        raise bad_request("prompt must not be empty.", "prompt")
+    elif isinstance(p[0], int):
+        items = [p]
+    else:
+        items = list(p)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, srv.tokenizer.encode(item, add_special_tokens=req.add_special_tokens)))
+        else:
+            out.append((None, list(item)))
+    return out
+
+
+async def create_completion(srv: Serving, req: CompletionRequest):
+    srv.check_model(req.model)
+    srv.log_unknown(req, "completions")
+    params = srv.sampling_params(req)
+    prompts = _prompts(srv, req)
+    for _, ids in prompts:
+        srv.check_prompt(ids, params, "prompt")
+    sub = srv.submit("cmpl", prompts, params, req.stream, req.cache_salt)
+    if req.stream:
+        await srv.accepted(sub)
+        return StreamingResponse(_stream(srv, req, sub), media_type="text/event-stream")
+    finals = await srv.final_outputs(sub)
+    return JSONResponse(_response(srv, req, sub, finals))
+
+
+def _echo_text(srv: Serving, text: str | None, ids: list[int]) -> str:
+    return text if text is not None else srv.tokenizer.decode(ids)
+
+
+def _response(srv: Serving, req: CompletionRequest, sub: Submitted, finals: dict) -> dict:
+    choices, completion_tokens, cached = [], 0, 0
+    for rid, (pi, prompt) in sub.prompts.items():
+        out = finals[rid]
+        cached += out.num_cached_tokens
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            text, logprobs = c.text, None
+            if req.echo:
+                text = _echo_text(srv, prompt.text, prompt.token_ids) + text
+            if req.logprobs is not None:
+                ids, positions = list(c.token_ids), list(c.logprobs or [])
+                if req.echo:
+                    ids = prompt.token_ids + ids
+                    plp = out.prompt_logprobs or [None] * len(prompt.token_ids)
+                    positions = list(plp) + positions
+                logprobs, _ = srv.completion_logprobs(ids, positions)
+            choices.append({"index": pi * req.n + c.index, "text": text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    choices.sort(key=lambda ch: ch["index"])
+    return {"id": sub.id, "object": "text_completion", "created": sub.created, "model": srv.model_name,
+            "choices": choices, "usage": usage(sub.prompt_tokens, completion_tokens, cached)}
+
+
+async def _stream(srv: Serving, req: CompletionRequest, sub: Submitted):
+    head = {"id": sub.id, "object": "text_completion", "created": sub.created, "model": srv.model_name}
+    finished, echoed = set(), set()
+    offsets: dict[tuple, int] = {}
+    counts: dict[tuple, int] = {}
+    try:
+        async for out in srv.engine.results(sub.group):
+            pi, prompt = sub.prompts[out.request_id]
+            for c in out.outputs:
+                key = (pi, c.index)
+                if key in finished or not (c.text or c.token_ids or c.finish_reason):
+                    continue
+                text, ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
+                if req.echo and key not in echoed:
+                    echoed.add(key)
+                    text = _echo_text(srv, prompt.text, prompt.token_ids) + text
+                    ids = prompt.token_ids + ids
+                    positions = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, offsets[key] = srv.completion_logprobs(ids, positions, offsets.get(key, 0))
+                counts[key] = counts.get(key, 0) + len(c.token_ids)
+                chunk = {**head, "choices": [{"index": pi * req.n + c.index, "text": text, "logprobs": logprobs,
+                                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                if req.continuous_usage:
+                    chunk["usage"] = usage(sub.prompt_tokens, sum(counts.values()))
+                if c.finish_reason is not None:
+                    finished.add(key)
+                yield sse(chunk)
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts.values()))})
+        yield SSE_DONE
+    except (RequestRejected, CoreDead) as exc:
+        yield engine_error(exc).sse()
+        yield SSE_DONE
+    finally:
+        if not sub.group.done:
+            srv.engine.abort(sub.group)

@@ -1,0 +1,54 @@
+"""``tokenmill serve``: start the engine core process, then uvicorn with the API app."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def run_server(args) -> int:
+    """Serve until interrupted. Configuration problems raise ValueError (one clear line);
+    an engine core that fails to start is reported and gives exit code 1."""
+    import uvicorn
+
+    from tokenmill.api.app import AppSettings, build_app
+    from tokenmill.api.async_engine import AsyncEngine
+    from tokenmill.commands.engine_args import engine_kwargs
+    from tokenmill.config import EngineConfig
+    from tokenmill.core_process import CoreClient, CoreStartupError
+    from tokenmill.default_model import DEFAULT_MODEL_NAME, resolve_model
+    from tokenmill.tokenizer import load_tokenizer
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = resolve_model(args.model)
+    names = args.served_model_name or [DEFAULT_MODEL_NAME if args.model is None else args.model]
+    api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    if args.max_body_bytes <= 0:
+        raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    config = EngineConfig.from_kwargs(model, tokenizer=args.tokenizer, served_model_name=names[0],
+                                      max_waiting=args.max_waiting, **engine_kwargs(args))
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or model)
+    except Exception as exc:  # missing or broken tokenizer files: say which directory
+        raise ValueError(f"cannot load a tokenizer from {args.tokenizer or model}: {exc}") from None
+    try:
+        core = CoreClient(config, startup_timeout=args.startup_timeout)
+    except CoreStartupError as exc:
+        print(f"tokenmill serve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        engine = AsyncEngine(core, tokenizer)
+        app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes))
+        info = core.info
+        print(f"tokenmill serve: model {names[0]} ({model}) on {info.platform}, KV cache {info.num_kv_tokens:,} "
+              f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "
+              f"attention {info.attention_backend}; listening on http://{args.host}:{args.port}"
+              f"{' (API key required)' if api_key else ''}", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    timeout_keep_alive=30, access_log=args.access_log)
+    finally:
+        core.close()
+    return 0

@@ -1,0 +1,209 @@
+"""What the completions and chat endpoints share: model names, parameter and prompt checks,
+submission to the engine, error mapping, logprobs and usage formatting, SSE framing."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from tokenmill.api.async_engine import AsyncEngine, PromptInput, RequestGroup, RequestRejected
+from tokenmill.api.errors import APIError, bad_request, invalid_params
+from tokenmill.core_process import CoreDead
+
+log = logging.getLogger(__name__)
+
+#: Most top logprobs a request may ask for (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
+_SAMPLING_FIELDS = {
+    "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k", "min_p",
+    "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "logit_bias",
+    "top_logprobs", "best_of", "suffix", "cache_salt", "max_completion_tokens",
+}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _finite(x: float) -> float:
+    # JSON has no -inf; vLLM reports impossible tokens as -9999.
+    return max(float(x), -9999.0) if x == x else -9999.0
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return u
+
+
+@dataclass
+class Submitted:
+    """A submitted HTTP request: its id, the engine group, and each engine request's prompt."""
+
+    id: str
+    group: RequestGroup
+    prompts: dict[str, tuple[int, PromptInput]]  # engine request id -> (prompt index, prompt)
+    created: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for _, p in self.prompts.values())
+
+
+class Serving:
+    """Per-server state and helpers for the OpenAI endpoints."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer, model_names: list[str], model_path: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_names = model_names
+        self.model_path = model_path
+        self.max_model_len = engine.info.max_model_len
+        self.vocab_size = engine.info.vocab_size
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model and model not in self.model_names:
+            raise APIError(404, f"The model `{model}` does not exist. Served: {', '.join(self.model_names)}.",
+                           "model", "model_not_found")
+
+    def log_unknown(self, req, endpoint: str) -> None:
+        unknown = req.unknown_fields()
+        if unknown:
+            log.warning("%s: ignoring unknown field(s): %s", endpoint, ", ".join(unknown))
+
+    def sampling_params(self, req):
+        try:
+            params = req.sampling_params()
+        except ValueError as exc:
+            raise invalid_params(exc, _SAMPLING_FIELDS) from None
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > MAX_LOGPROBS:
+                raise bad_request(f"{name} must be at most {MAX_LOGPROBS}, got {value}.", name)
+        return params
+
+    def check_prompt(self, ids: list[int], params, param: str, max_tokens_param: str = "max_tokens") -> None:
+        """The engine's own admission checks, done here so that the error names the parameter."""
+        n, limit = len(ids), self.max_model_len
+        if n == 0:
+            raise bad_request("the prompt must contain at least one token.", param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"the prompt contains token id(s) {bad[:5]} outside the vocabulary "
+                              f"(size {self.vocab_size}).", param)
+        if n > limit or (n == limit and params.max_tokens != 0):
+            raise bad_request(f"This model's maximum context length is {limit} tokens, but the prompt is {n} "
+                              f"tokens long.", param, "context_length_exceeded")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise bad_request(f"{max_tokens_param} is {params.max_tokens}, but the prompt's {n} tokens plus "
+                              f"{params.max_tokens} exceed the model's maximum context length of {limit} tokens.",
+                              max_tokens_param, "context_length_exceeded")
+        try:
+            params.verify_vocab(self.vocab_size)
+        except ValueError as exc:
+            raise invalid_params(exc, _SAMPLING_FIELDS) from None
+
+    def submit(self, prefix: str, prompts: list[tuple[str | None, list[int]]], params, stream: bool,
+               cache_salt: str | None) -> Submitted:
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        inputs = [PromptInput(f"{rid}-{i}", text, ids) for i, (text, ids) in enumerate(prompts)]
+        try:
+            group = self.engine.add(inputs, params, stream, cache_salt)
+        except CoreDead as exc:
+            raise engine_error(exc) from None
+        return Submitted(rid, group, {p.request_id: (i, p) for i, p in enumerate(inputs)}, int(time.time()))
+
+    async def accepted(self, sub: Submitted) -> None:
+        """Wait until the core queued the request (so a streaming response can still fail cleanly)."""
+        try:
+            await self.engine.wait_accepted(sub.group)
+        except (RequestRejected, CoreDead) as exc:
+            self.engine.abort(sub.group)
+            raise engine_error(exc) from None
+        except BaseException:
+            self.engine.abort(sub.group)
+            raise
+
+    async def final_outputs(self, sub: Submitted) -> dict:
+        """Engine request id -> final RequestOutput, for a non-streaming request."""
+        finals = {}
+        try:
+            async for out in self.engine.results(sub.group):
+                finals[out.request_id] = out
+        except (RequestRejected, CoreDead) as exc:
+            raise engine_error(exc) from None
+        finally:
+            if not sub.group.done:
+                self.engine.abort(sub.group)
+        return finals
+
+    # -- logprobs -------------------------------------------------------------------------------
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, token_ids, positions, offset: int = 0) -> tuple[dict, int]:
+        """The completions API's ``logprobs`` object for these tokens; also returns the next text offset.
+
+        ``positions[i]`` is the ``{token_id: Logprob}`` dict of token ``i`` (or None: the first
+        prompt token has no logprob). Its ``top_logprobs`` holds the chosen token and the top N.
+        """
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i, tid in enumerate(token_ids):
+            pos = positions[i] if positions is not None and i < len(positions) else None
+            chosen = pos.get(tid) if pos else None
+            text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
+                else self._token_text(tid)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(_finite(chosen.logprob) if chosen is not None else None)
+            if pos:
+                top: dict[str, float] = {}
+                for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank or 0):
+                    key = lp.decoded_token if lp.decoded_token is not None else self._token_text(t)
+                    top.setdefault(key, _finite(lp.logprob))
+                out["top_logprobs"].append(top)
+            else:
+                out["top_logprobs"].append(None)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out, offset
+
+    def chat_logprobs(self, token_ids, positions, num_top: int) -> list[dict]:
+        """The chat API's ``logprobs.content`` entries for these tokens."""
+        content = []
+        for tid, pos in zip(token_ids, positions or []):
+            chosen = pos.get(tid) if pos else None
+            text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
+                else self._token_text(tid)
+            tops = []
+            for t, lp in sorted((pos or {}).items(), key=lambda kv: kv[1].rank or 0):
+                if len(tops) < num_top and lp.rank is not None and lp.rank <= num_top:
+                    tt = lp.decoded_token if lp.decoded_token is not None else self._token_text(t)
+                    tops.append({"token": tt, "logprob": _finite(lp.logprob), "bytes": list(tt.encode())})
+            content.append({"token": text, "logprob": _finite(chosen.logprob) if chosen else -9999.0,
+                            "bytes": list(text.encode()), "top_logprobs": tops})
+        return content
+
+
+def engine_error(exc: Exception) -> APIError:
+    """Map an engine-side failure to the HTTP error the client sees."""
+    if isinstance(exc, RequestRejected):
+        if exc.kind == "queue_full":
+            return APIError(503, f"The server is overloaded: {exc}. Retry later.", None, "queue_full",
+                            headers={"Retry-After": "1"})
+        if exc.kind == "invalid":
+            return APIError(400, str(exc))
+        return APIError(500, "internal server error")
+    if isinstance(exc, CoreDead):
+        return APIError(500, f"The engine is not running ({exc}).", None, "engine_dead")
+    return APIError(500, "internal server error")

@@ -1,0 +1,268 @@
+"""``tokenmill bench serve``: drive a running OpenAI-compatible server with N concurrent
+streaming clients and report throughput and latency per concurrency, side by side.
+
+For each concurrency level, ``--num-requests`` streaming completions (``ignore_eos``, so
+each yields ``--max-tokens`` tokens) are sent by that many concurrent clients. Reported:
+request throughput, output tokens/s, time to first token and inter-token latency (mean,
+p50, p99). A PNG plot of latency against concurrency is written with matplotlib (Agg).
+``--launch MODEL`` starts ``tokenmill serve`` for the run and stops it afterwards.
+Works against any server that speaks the OpenAI completions API (vLLM, SGLang, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+DEFAULT_PROMPT = (
+    "The Python language reference describes the exact syntax and semantics of the language. "
+    "It is terse, but attempts to be exact and complete. The semantics of non-essential built-in "
+    "object types and of the built-in functions and modules are described in the library reference. "
+    "Write a short explanation of how the interpreter evaluates an expression statement:"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address (without /v1)")
+    p.add_argument("--model", default=None, help="model name to request (default: the server's first model)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent clients")
+    p.add_argument("--num-requests", type=int, default=64, help="requests per concurrency level")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt-text", default=None, help="the prompt every request sends")
+    src.add_argument("--workload", default=None, help="a workload JSON (shared W): its serve_text is the prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let requests stop at EOS (by default every request yields --max-tokens tokens)")
+    p.add_argument("--api-key", default=None, help="bearer key (default: $TOKENMILL_API_KEY or $OPENAI_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--plot", default="bench_serve.png", help="PNG of latency against concurrency ('' to skip)")
+    p.add_argument("--json-out", default=None, help="also write the results as JSON")
+    p.add_argument("--launch", default=None, metavar="MODEL",
+                   help="start `tokenmill serve MODEL` on a free port for the run ('default' = bundled model)")
+    p.add_argument("--launch-args", default="", help="extra flags for the launched server, as one string")
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+async def _one(client, url: str, body: dict, timeout: float) -> RequestResult:
+    t0 = time.perf_counter()
+    first = last = None
+    itl: list[float] = []
+    chunks, usage_tokens = 0, None
+    try:
+        async with client.stream("POST", url, json=body, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                return RequestResult(False, error=f"HTTP {resp.status_code}: {text[:200]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    return RequestResult(False, error=str(obj["error"])[:200])
+                if obj.get("usage"):
+                    usage_tokens = obj["usage"].get("completion_tokens")
+                choices = obj.get("choices") or []
+                if not any(c.get("text") for c in choices):
+                    continue
+                now = time.perf_counter()
+                chunks += 1
+                if first is None:
+                    first = now
+                else:
+                    itl.append(now - last)
+                last = now
+    except Exception as exc:  # network errors count as failed requests
+        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
+    end = time.perf_counter()
+    if first is None:
+        return RequestResult(False, error="no tokens received")
+    return RequestResult(True, first - t0, end - t0, usage_tokens if usage_tokens is not None else chunks, itl)
+
+
+async def _level(base: str, headers: dict, body: dict, concurrency: int, num_requests: int, timeout: float) -> dict:
+    import httpx
+
+    url = base + "/v1/completions"
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+        await _one(client, url, {**body, "max_tokens": min(8, body["max_tokens"])}, timeout)  # warm the connection
+        todo = list(range(num_requests))
+        results: list[RequestResult] = []
+
+        async def worker():
+            while todo:
+                todo.pop()
+                results.append(await _one(client, url, body, timeout))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        duration = time.perf_counter() - t0
+    good = [r for r in results if r.ok]
+    ttft = [r.ttft for r in good]
+    itl = [x for r in good for x in r.itl]
+    out_tokens = sum(r.output_tokens for r in good)
+    return {
+        "concurrency": concurrency, "requests": len(results), "failed": len(results) - len(good),
+        "errors": sorted({r.error for r in results if not r.ok})[:3], "duration_s": duration,
+        "request_throughput": len(good) / duration, "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / duration,
+        "ttft_mean_ms": 1e3 * _mean(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
+        "itl_mean_ms": 1e3 * _mean(itl), "itl_p50_ms": 1e3 * _pct(itl, 0.5), "itl_p99_ms": 1e3 * _pct(itl, 0.99),
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    cols = [("concurrency", "conc", "{:d}"), ("requests", "reqs", "{:d}"), ("failed", "failed", "{:d}"),
+            ("request_throughput", "req/s", "{:.2f}"), ("output_tok_s", "out tok/s", "{:,.1f}"),
+            ("ttft_mean_ms", "TTFT mean", "{:.1f}"), ("ttft_p50_ms", "TTFT p50", "{:.1f}"),
+            ("ttft_p99_ms", "TTFT p99", "{:.1f}"), ("itl_mean_ms", "ITL mean", "{:.2f}"),
+            ("itl_p50_ms", "ITL p50", "{:.2f}"), ("itl_p99_ms", "ITL p99", "{:.2f}")]
+    rows = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n(latencies in ms)"
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [r["concurrency"] for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, metric, label in ((axes[0], "ttft", "time to first token (ms)"),
+                              (axes[1], "itl", "inter-token latency (ms)")):
+        for stat, style in (("mean", "o-"), ("p50", "s--"), ("p99", "^:")):
+            ax.plot(conc, [r[f"{metric}_{stat}_ms"] for r in results], style, label=stat)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.legend()
+    axes[2].plot(conc, [r["output_tok_s"] for r in results], "o-")
+    axes[2].set_xlabel("concurrency")
+    axes[2].set_ylabel("output tokens/s")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _launch(args) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = [] if args.launch == "default" else [args.launch]
+    cmd = [sys.executable, "-m", "tokenmill", "serve", *model, "--port", str(port), "--log-level", "warning",
+           *shlex.split(args.launch_args)]
+    print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the launched server exited with code {proc.returncode}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("the launched server did not become healthy within 600 s")
+
+
+def run(args) -> int:
+    import httpx
+
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1 or args.num_requests < 1:
+        raise ValueError("--concurrency levels and --num-requests must be positive")
+    prompt = args.prompt_text or DEFAULT_PROMPT
+    if args.workload:
+        with open(args.workload) as f:
+            prompt = json.load(f).get("serve_text") or ""
+        if not prompt:
+            raise ValueError(f"workload {args.workload} has no serve_text")
+    proc = None
+    base = args.base_url.rstrip("/").removesuffix("/v1")
+    if args.launch:
+        proc, base = _launch(args)
+    try:
+        key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        model = args.model
+        if model is None:
+            resp = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+            resp.raise_for_status()
+            model = resp.json()["data"][0]["id"]
+        body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if args.ignore_eos:
+            body["ignore_eos"] = True
+        results = []
+        for c in levels:
+            print(f"concurrency {c}: {args.num_requests} requests ...", file=sys.stderr, flush=True)
+            r = asyncio.run(_level(base, headers, body, c, args.num_requests, args.timeout))
+            results.append(r)
+            print(f"  {r['output_tok_s']:,.1f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms, "
+                  f"ITL mean {r['itl_mean_ms']:.2f} ms, {r['failed']} failed {r['errors'] or ''}",
+                  file=sys.stderr, flush=True)
+    finally:
+        if proc is not None:
+            proc.send_signal(2)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(f"\nserver {base}, model {model}, {args.num_requests} streaming requests per level, "
+          f"max_tokens {args.max_tokens}")
+    print(format_table(results))
+    if args.plot:
+        plot(results, args.plot, f"{model} @ {base}: {args.max_tokens} output tokens")
+        print(f"plot: {args.plot}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 1 if any(r["failed"] for r in results) else 0

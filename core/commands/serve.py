@@ -1,0 +1,33 @@
+"""``tokenmill serve [PATH]``: an OpenAI-compatible HTTP server (the bundled model without PATH)."""
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.commands.engine_args import add_engine_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="local checkpoint directory (default: the bundled model, served as 'tokenmill-default')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (also read from $TOKENMILL_API_KEY); "
+                        "/health and /metrics stay open")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use for the model (default: the path, or 'tokenmill-default')")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="refuse new requests with 503 + Retry-After while this many are waiting")
+    p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="largest request body (default 16 MiB)")
+    p.add_argument("--startup-timeout", type=float, default=None,
+                   help="seconds to wait for the engine to load (default: no limit)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    add_engine_arguments(p)
+
+
+def run(args) -> int:
+    from tokenmill.api.server import run_server
+
+    return run_server(args)
