@@ -47,6 +47,8 @@ class EngineStats:
     prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     prompt_tokens: int = 0
+    #: Prompt tokens actually run through the model (the rest came from the prefix cache).
+    prompt_tokens_computed: int = 0
     generation_tokens: int = 0
     steps: int = 0
     step_seconds: float = 0.0
@@ -164,6 +166,8 @@ class EngineCore:
         if plan.is_empty:
             return []
         result = self.runner.execute(plan)
+        self._stats.prompt_tokens_computed += sum(
+            max(0, min(item.start + item.num_new, item.seq.num_prompt_tokens) - item.start) for item in plan.seqs)
         lengths = {item.seq.seq_id: item.seq.num_tokens for item in plan.seqs}
         touched = self.scheduler.update(plan, result)
         updates = []

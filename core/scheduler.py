@@ -97,9 +97,18 @@ class Scheduler:
             scheduled.append(self._scheduled(seq, num_new))
             budget -= num_new
 
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # Blocks being computed this step, so that a waiting sequence that would compute the
+        # same block (a shared prefix nobody has cached yet) waits one step and reuses it instead.
+        inflight = {self._next_block_key(item.seq, item.start) for item in scheduled if item.start < item.seq.num_prompt_tokens}
+        admitted = []
+        for seq in list(self.waiting) if not preempted else []:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             if not seq.prefix_matched:
+                if inflight and self.kv.enable_prefix_caching and not self._needs_prompt_logprobs(seq):
+                    hit = self.kv.peek_prefix(seq.token_ids, seq.salt)
+                    if self._next_block_key(seq, hit) in inflight:
+                        continue
                 seq.num_computed = 0 if self._needs_prompt_logprobs(seq) else \
                     self.kv.match_prefix(seq.seq_id, seq.token_ids, seq.salt)
                 seq.prefix_matched = True
@@ -115,15 +124,25 @@ class Scheduler:
                     raise RuntimeError(f"KV cache too small: {self.kv.num_blocks} blocks of {self.kv.block_size} "
                                        f"tokens cannot hold one sequence of {seq.num_tokens} tokens")
                 break
-            self.waiting.popleft()
+            admitted.append(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             copies.extend(got)
             scheduled.append(self._scheduled(seq, num_new))
+            inflight.add(self._next_block_key(seq, seq.num_computed))
             budget -= num_new
+        if admitted:
+            chosen = set(map(id, admitted))
+            self.waiting = deque(s for s in self.waiting if id(s) not in chosen)
 
         finished, self._finished = self._finished, []
         return SchedulerOutput(scheduled, sum(s.num_new for s in scheduled), copies, finished, preempted)
+
+    def _next_block_key(self, seq: Sequence, start: int) -> tuple:
+        """Identifies the first block ``seq`` computes from ``start`` (position and contents)."""
+        bs = self.kv.block_size
+        first = start - start % bs
+        return seq.salt, first, tuple(seq.token_ids[first:first + bs])
 
     def _needs_prompt_logprobs(self, seq: Sequence) -> bool:
         return getattr(seq.params, "prompt_logprobs", None) is not None and seq.num_output_tokens == 0

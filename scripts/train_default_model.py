@@ -31,12 +31,12 @@ What it does
 
 How to run (from the repository root)::
 
-    python scripts/train_default_model.py                 # 22 min budget, 2 threads
+    python scripts/train_default_model.py                 # 20 min budget, 2 threads
     python scripts/train_default_model.py --minutes 60 --threads 8 --out /tmp/m
 
 How long it takes: tokenizer training and corpus tokenization take about one minute;
-training then runs for ``--minutes`` wall-clock minutes (about 1600 tokens/s on two
-CPU cores, so the default 22 minutes sees about 2M tokens). The stdlib differs a little
+training then runs for ``--minutes`` wall-clock minutes. Two idle CPU cores train
+about 1600 tokens/s (so 20 minutes see about 2M tokens); on a busy machine it is less. The stdlib differs a little
 between Python versions, so a rerun elsewhere gives a similar, not identical, model.
 """
 from __future__ import annotations
@@ -257,14 +257,14 @@ def save_tokenizer(tokenizer, out: Path) -> None:
 # ----------------------------------------------------------------------------- training
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minutes", type=float, default=22.0, help="training wall-time budget")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training wall-time budget")
     ap.add_argument("--max-steps", type=int, default=0, help="stop (and schedule) by steps instead of time")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "core/data/default-model")
     args = ap.parse_args()
@@ -302,8 +302,8 @@ def main() -> None:
 
     def tokenize_docs(texts: list[str]) -> torch.Tensor:
         ids = []
-        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids += [BOS, *enc, EOS]
+        for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids += [BOS, *enc.ids, EOS]
         return torch.tensor(ids, dtype=torch.int32)
 
     code_ids, prose_ids, held_ids = tokenize_docs(code), tokenize_docs(prose), tokenize_docs(held)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tokenmill.kv import KVCacheManager
+from tokenmill.kv import BlockPool, KVCacheManager, RadixTree
 
 
 def prefill(m: KVCacheManager, seq: int, tokens, salt=None, chunk=None) -> int:
@@ -135,6 +135,22 @@ def test_eviction_never_takes_an_inner_node_first():
     m.check_invariants()
 
 
+def test_radix_tree_evicts_leaves_before_older_parents():
+    pool = BlockPool(4)
+    tree = RadixTree(pool, block_size=1)
+    b0, b1, b2 = pool.take(), pool.take(), pool.take()
+    n0 = tree.insert(tree.root(None), (0,), b0, tick=1)
+    n1 = tree.insert(n0, (1,), b1, tick=5)
+    n2 = tree.insert(tree.root(None), (2,), b2, tick=3)
+    for node, tick in [(n1, 5), (n0, 1), (n2, 3)]:
+        pool.decref(node.block_id)
+        tree.on_unreferenced(node, tick)
+    tree.check_invariants()
+    # n0 is the oldest but has a child: n2 (next oldest leaf) goes, then n1, then n0.
+    assert [tree.evict_lru() for _ in range(4)] == [b2, b1, b0, None]
+    assert len(tree) == 0 and tree.num_unreferenced == 0
+
+
 def test_referenced_blocks_are_never_evicted():
     m = KVCacheManager(num_blocks=4, block_size=2)
     prefill(m, 1, [1, 2, 3, 4, 5])  # 3 blocks held
@@ -152,8 +168,10 @@ def test_salted_requests_never_share():
     assert prefill(m, 2, toks, salt="bob") == 0
     assert prefill(m, 3, toks) == 0
     assert prefill(m, 4, toks, salt="alice") == 12
-    assert not set(m.block_table(1)) & set(m.block_table(2))
-    assert not set(m.block_table(3)) & set(m.block_table(1))
+    assert prefill(m, 5, toks, salt="carol") == 0
+    assert m.block_table(4)[:3] == m.block_table(1)[:3]
+    tables = [set(m.block_table(s)) for s in (1, 2, 3, 5)]
+    assert all(not a & b for i, a in enumerate(tables) for b in tables[i + 1:])
     m.check_invariants()
 
 

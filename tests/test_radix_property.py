@@ -24,6 +24,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.seqs: dict[int, dict] = {}  # seq id -> {"tokens", "computed", "salt"}
         self.memory: dict[int, list] = {}  # block id -> slots of (salt, token)
         self.next_id = 0
+        self.history: list[list[int]] = []  # past prompts and finished sequences, to collide with
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -58,6 +59,20 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     @rule(prompt=tokens_st, salt=st.sampled_from([None, "t1"]), chunk=st.integers(1, 8))
     def add(self, prompt, salt, chunk):
+        self._add(prompt, salt, chunk)
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data(), suffix=st.lists(st.integers(0, 3), max_size=5),
+          salt=st.sampled_from([None, "t1"]), chunk=st.integers(1, 8))
+    def add_related(self, data, suffix, salt, chunk):
+        """A prompt that repeats or extends an earlier one (retries, multi-turn, shared system prompt)."""
+        base = data.draw(st.sampled_from(self.history))
+        prompt = base[:data.draw(st.integers(0, len(base)))] + suffix
+        if prompt:
+            self._add(prompt, salt, chunk)
+
+    def _add(self, prompt, salt, chunk):
+        self.history = (self.history + [list(prompt)])[-20:]
         sid = self._new_id()
         hit = self.m.match_prefix(sid, prompt, salt)
         assert hit % self.bs == 0 and hit <= (len(prompt) - 1) // self.bs * self.bs
@@ -81,6 +96,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     def finish(self, data):
         sid = self._pick(data)
         s = self.seqs.pop(sid)
+        self.history = (self.history + [list(s["tokens"])])[-20:]
         self.m.cache_blocks(sid, s["tokens"], s["computed"], s["salt"])
         self.m.free(sid)
 
@@ -141,4 +157,4 @@ class KVCacheMachine(RuleBasedStateMachine):
 TestKVCacheMachine = KVCacheMachine.TestCase
 TestKVCacheMachine.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow], derandomize=False)
+    suppress_health_check=[HealthCheck.too_slow])

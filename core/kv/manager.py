@@ -129,6 +129,13 @@ class KVCacheManager:
         self.stats.hit_tokens += hit
         return hit
 
+    def peek_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> int:
+        """How many tokens :meth:`match_prefix` would reuse now; changes nothing, counts no stats."""
+        if not self.enable_prefix_caching:
+            return 0
+        max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
+        return len(self._tree.match(salt, token_ids, max_blocks)) * self.block_size
+
     def cache_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed: int, salt: str | None = None) -> None:
         """Insert every full, computed block of ``seq_id`` (block i holds ``token_ids[i*bs:(i+1)*bs]``) into the tree.
 

@@ -8,8 +8,7 @@ class TritonAttention(AttentionBackend):
     """Ragged paged attention in two Triton launches per layer: K/V cache write, then attention.
 
     Serves prefill chunks and decode tokens of any mix in one kernel; GQA/MQA, sliding
-    window, float32/float16/bfloat16. Needs a power-of-two ``block_size`` of at least 16
-    (``tl.dot`` operands are at least 16 wide). Subclassed per platform by
+    window, float32/float16/bfloat16, any page size. Subclassed per platform by
     :func:`tokenmill.kernels.triton.attention_backend`.
     """
 
@@ -25,11 +24,6 @@ class TritonAttention(AttentionBackend):
     def prepare(cls, meta: AttentionMetadata) -> None:
         meta.extra = {}
 
-    @staticmethod
-    def _check_block_size(block_size: int) -> None:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"the Triton attention backend needs a power-of-two block_size >= 16, got {block_size}")
-
     def _tiles(self, meta: AttentionMetadata, block_q: int, device):
         from tokenmill.kernels.triton.paged_attention import plan_tiles
 
@@ -38,7 +32,6 @@ class TritonAttention(AttentionBackend):
         key = ("triton_tiles", block_q)
         tiles = meta.extra.get(key)
         if tiles is None:
-            self._check_block_size(meta.block_size)
             tiles = meta.extra[key] = plan_tiles(meta.query_lens_cpu, block_q, device)
         return tiles
 
@@ -54,7 +47,7 @@ class TritonAttention(AttentionBackend):
         k = k.view(num_tokens, spec.num_kv_heads, d)
         v = v.view(num_tokens, spec.num_kv_heads, d)
         write_kv_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        block_q, _ = block_m_for(spec.num_heads // spec.num_kv_heads)
+        block_q, _ = block_m_for(spec.num_heads // spec.num_kv_heads, meta.max_query_len)
         out = torch.empty_like(q)
         paged_attention(q, kv_cache[0], kv_cache[1], out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                         self._tiles(meta, block_q, q.device), block_q, self.scale, spec.sliding_window)

@@ -16,6 +16,19 @@ def tokenmill_platforms():
     return [CudaPlatform()]
 
 
-# The shared Triton kernels (tokenmill.kernels.triton, one copy for CUDA, ROCm and XPU)
-# register here through ``tokenmill_kernels`` and ``tokenmill_attention_backends`` for
-# the platform name "cuda"; ops not registered fall back to the core's reference.
+# The shared Triton kernels (tokenmill.kernels.triton: one copy for CUDA, ROCm and XPU) for the
+# platform name "cuda". Registering them imports no Triton; without Triton installed they register
+# nothing and the core's reference serves. Ops not listed there fall back to the reference too.
+@hookimpl
+def tokenmill_kernels():
+    from tokenmill.kernels.triton import kernel_impls
+
+    return kernel_impls("cuda", provider="tokenmill-cuda")
+
+
+@hookimpl
+def tokenmill_attention_backends():
+    from tokenmill.kernels.triton import attention_backend
+
+    backend = attention_backend("cuda")
+    return [backend] if backend is not None else []

@@ -17,6 +17,19 @@ def tokenmill_platforms():
     return [XpuPlatform()]
 
 
-# The shared Triton kernels (tokenmill.kernels.triton, one copy for CUDA, ROCm and XPU)
-# and IPEX ops (through XpuPlatform.ipex()) register here through ``tokenmill_kernels``
-# and ``tokenmill_attention_backends`` for the platform name "xpu".
+# The shared Triton kernels (tokenmill.kernels.triton: one copy for CUDA, ROCm and XPU) for the
+# platform name "xpu". Registering them imports no Triton; without Triton installed they register
+# nothing and the core's reference serves. Ops not listed there fall back to the reference too.
+@hookimpl
+def tokenmill_kernels():
+    from tokenmill.kernels.triton import kernel_impls
+
+    return kernel_impls("xpu", provider="tokenmill-xpu")
+
+
+@hookimpl
+def tokenmill_attention_backends():
+    from tokenmill.kernels.triton import attention_backend
+
+    backend = attention_backend("xpu")
+    return [backend] if backend is not None else []

@@ -1,0 +1,171 @@
+"""End to end: tiny local models must generate the same greedy tokens as on the reference platform.
+
+The reference is the core's reference ops and attention in float32 on the CPU, driven by
+:class:`tokenmill.testing.simple_runner.SimpleRunner`. The plugin's side runs the same
+loop with only the plugin's own kernels (the reference filling in the other ops) and
+its best attention backend for the model, on its device (or on CPU tensors under the
+interpreter). Prompts are prefilled in chunks mixed with other sequences' decodes.
+When the platform is available, the real engine (:class:`tokenmill.engine_core.EngineCore`,
+scheduler and all) runs the same prompts on it too.
+
+The tiny models are random-weight checkpoints built locally and cached on disk
+(:mod:`tokenmill.testing.tiny_models`): ``llama`` (Llama-3 rope scaling, GQA),
+``qwen3`` (q/k norm, head size 64, MQA) and ``mistral`` (sliding window, head size 64).
+"""
+from __future__ import annotations
+
+import functools
+
+from tokenmill.conformance.results import Check, Skip
+
+MODELS = ("llama", "qwen3", "mistral")
+#: Interpreter runs are slow per kernel launch: fewer models, same coverage of paths.
+INTERPRETER_MODELS = ("llama", "mistral")
+PROMPT_LENS = (5, 19, 40)
+MAX_NEW_TOKENS = 8
+CHUNK = 16
+BLOCK_SIZE = 16
+
+
+def _prompts(vocab_size: int) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    # Ids 0-3 are special tokens of the test tokenizer; keep prompts to ordinary ones.
+    return [torch.randint(4, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_tokens(arch: str, dtype_name: str) -> tuple:
+    """Greedy tokens of the reference platform for ``arch`` (cached per process)."""
+    import torch
+
+    from tokenmill.models.loader import load_config, load_model
+    from tokenmill.models.registry import ARCHITECTURES
+    from tokenmill.testing.simple_runner import SimpleRunner, reference_context
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    dtype = getattr(torch, dtype_name)
+    ctx = reference_context(dtype=dtype)
+    model = load_model(path, ctx, dict(ARCHITECTURES))
+    runner = SimpleRunner(model, ctx.attention_backend, torch.device("cpu"), dtype, block_size=BLOCK_SIZE,
+                          max_seqs=len(PROMPT_LENS), max_tokens_per_seq=64)
+    prompts = _prompts(load_config(path).vocab_size)
+    out = runner.generate(prompts, MAX_NEW_TOKENS, chunk_size=CHUNK)
+    return tuple(tuple(toks) for toks, _ in out)
+
+
+def _describe_mismatch(got, want) -> str:
+    for i, (g, w) in enumerate(zip(got, want)):
+        if list(g) != list(w):
+            first = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            return (f"prompt {i} ({PROMPT_LENS[i]} tokens) diverges at new token {first}: "
+                    f"got {list(g)}, reference {list(w)}")
+    return f"got {got}, reference {want}"
+
+
+def _choose_backend(target, platform_name: str, spec):
+    from tokenmill.attention.reference import ReferenceAttention
+
+    notes = []
+    for backend in sorted(target.backends_for(platform_name), key=lambda b: -b.priority):
+        why = backend.supports(spec)
+        if why is None:
+            return backend, ""
+        notes.append(why)
+    if notes:
+        return ReferenceAttention, f"; reference attention (the plugin's refuse: {'; '.join(notes)})"
+    return ReferenceAttention, ""
+
+
+def simple_runner_check(target, platform_name: str, arch: str, device, dtype_name: str) -> str:
+    import torch
+
+    from tokenmill.models.interface import ModelContext
+    from tokenmill.models.loader import load_config, load_model
+    from tokenmill.models.registry import ARCHITECTURES
+    from tokenmill.ops.reference import REFERENCE_OPS
+    from tokenmill.ops.registry import KernelImpl, Kernels
+    from tokenmill.testing.simple_runner import SimpleRunner
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    hf_config = load_config(path)
+    archs = dict(ARCHITECTURES)
+    model_cls = next(archs[n] for n in hf_config.architectures if n in archs)
+    spec = model_cls.attention_spec_for(hf_config, dtype_name)
+    backend, note = _choose_backend(target, platform_name, spec)
+    impls = [KernelImpl(op, "*", fn, provider="reference", priority=-1000) for op, fn in REFERENCE_OPS.items()]
+    kernels = Kernels(platform_name, impls + target.kernels_for(platform_name), dtype_name)
+    dtype = getattr(torch, dtype_name)
+    ctx = ModelContext(kernels=kernels, attention_backend=backend, dtype=dtype, device=torch.device(device))
+    model = load_model(path, ctx, archs)
+    runner = SimpleRunner(model, backend, torch.device(device), dtype, block_size=BLOCK_SIZE,
+                          max_seqs=len(PROMPT_LENS), max_tokens_per_seq=64)
+    got = tuple(tuple(t) for t, _ in runner.generate(_prompts(hf_config.vocab_size), MAX_NEW_TOKENS, chunk_size=CHUNK))
+    want = reference_tokens(arch, dtype_name)
+    assert got == want, f"{arch}: {_describe_mismatch(got, want)}"
+    ours = sorted(op for op, who in kernels.providers.items() if who != "reference")
+    return (f"{sum(map(len, got))} greedy tokens identical; attention {backend.name}{note}; "
+            f"plugin ops: {', '.join(ours) or 'none (reference)'}")
+
+
+def engine_check(target, platform_name: str, arch: str, dtype_name: str) -> str:
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine_core import EngineCore
+    from tokenmill.models.loader import load_config
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    config = EngineConfig.from_kwargs(str(path), device=platform_name, dtype=dtype_name, block_size=BLOCK_SIZE,
+                                      max_num_batched_tokens=CHUNK * 2, kv_cache_memory=16 << 20, max_model_len=256)
+    engine = EngineCore(config, plugin_manager=target.pm)
+    prompts = _prompts(load_config(path).vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    tokens: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+        tokens[str(i)] = []
+    while engine.has_unfinished():
+        for update in engine.step():
+            tokens[update.request_id].extend(update.new_token_ids)
+    got = tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
+    want = reference_tokens(arch, dtype_name)
+    assert got == want, f"{arch} through the engine: {_describe_mismatch(got, want)}"
+    runner = engine.runner
+    return (f"engine on {platform_name}: {sum(map(len, got))} greedy tokens identical; attention "
+            f"{runner.backend.name}; kernels {runner.kernels.providers}")
+
+
+def e2e_checks(target, platform, platform_name: str, device, device_skip: str | None, dtypes: list[str]) -> list[Check]:
+    """The end-to-end checks for ``platform_name``: simple loop per tiny model, plus the engine when it can run."""
+    dtype_name = "float32" if "float32" in dtypes else (dtypes[0] if dtypes else None)
+    models = INTERPRETER_MODELS if target.interpret else MODELS
+    checks = []
+    for arch in models:
+        def run(arch=arch):
+            if device_skip:
+                raise Skip(device_skip)
+            if dtype_name is None:
+                raise Skip("no dtype to run in")
+            return simple_runner_check(target, platform_name, arch, device, dtype_name)
+        checks.append(Check(f"e2e/{platform_name}/{arch}", "e2e",
+                            f"tiny {arch}: greedy tokens identical to the reference platform", run))
+
+    def engine(arch=MODELS[0]):
+        if target.interpret:
+            raise Skip("interpreter mode: the engine runs on the platform's device, which is not used here")
+        if platform is None:
+            raise Skip(f"platform {platform_name} is not installed")
+        avail = platform.availability()
+        if not avail:
+            raise Skip(f"platform {platform_name} is not available here: {avail.reason}")
+        if dtype_name is None:
+            raise Skip("no dtype to run in")
+        return engine_check(target, platform_name, arch, dtype_name)
+
+    checks.append(Check(f"e2e/{platform_name}/engine-{MODELS[0]}", "e2e",
+                        "the engine on this platform generates the reference's greedy tokens", engine))
+    return checks
