@@ -116,12 +116,9 @@ def kernel_checks(target, platform_name: str, device, device_skip: str | None, d
     checks = []
     for impl in target.kernels_for(platform_name):
         assert impl.op in OPS
-        provider = impl.provider or target.name
         prefix = f"kernel/{platform_name}/{impl.op}"
         if impl.device_type == "*":
-            prefix += "@any"
-        if provider != target.name:
-            prefix += f"@{provider}"
+            prefix += "@any-platform"
         served = [d for d in dtypes if impl.dtypes is None or d in impl.dtypes]
         for dt in served:
             def run(impl=impl, dt=dt):

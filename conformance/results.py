@@ -7,6 +7,7 @@ exception is reported with its type and the innermost frames of its traceback.
 """
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -75,8 +76,9 @@ class Report:
                 f"({len(self.results)} checks of plugin {self.plugin!r} in {seconds:.1f}s)")
 
     # -- rendering -------------------------------------------------------------------------
-    def table(self, width: int = 100, verbose: bool = False) -> str:
+    def table(self, width: int | None = None) -> str:
         """A plain-text table for the terminal: one row per check, failures spelled out below."""
+        width = width or max(shutil.get_terminal_size((140, 24)).columns, 100)
         rows = [(r.status.upper(), r.check.id, _first_line(r.detail)) for r in self.results]
         w_id = min(max([len(r[1]) for r in rows] + [5]), 64)
         lines = [f"tokenmill conformance: plugin {self.plugin}"]
