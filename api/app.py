@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.api.async_engine import AsyncEngine
 from tokenmill.api.chat import create_chat_completion, render
 from tokenmill.api.completions import create_completion
-from tokenmill.api.errors import APIError, bad_request, error_body, install_error_handlers
+from tokenmill.api.errors import bad_request, error_body, install_error_handlers
 from tokenmill.api.metrics import CONTENT_TYPE, Metrics
 from tokenmill.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tokenmill.api.serving import Serving
@@ -212,4 +212,4 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     return _Gate(app, settings, metrics)
 
 
-__all__ = ["AppSettings", "build_app", "cancel_on_disconnect", "APIError"]
+__all__ = ["AppSettings", "build_app", "cancel_on_disconnect"]

@@ -103,6 +103,7 @@ class CompletionRequest(_SamplingFields):
 
     prompt: PromptType
     max_tokens: int | None = 16
+    max_completion_tokens: int | None = None  # chat's name; some load generators send it here too
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -116,7 +117,10 @@ class CompletionRequest(_SamplingFields):
         prompt_lp = self.prompt_logprobs
         if prompt_lp is None and self.echo and self.logprobs is not None:
             prompt_lp = self.logprobs  # echo + logprobs also scores the prompt (lm-eval's loglikelihood)
-        return self._params(self.max_tokens, self.logprobs, prompt_lp)
+        max_tokens = self.max_tokens
+        if "max_tokens" not in self.model_fields_set and self.max_completion_tokens is not None:
+            max_tokens = self.max_completion_tokens
+        return self._params(max_tokens, self.logprobs, prompt_lp)
 
 
 class ChatMessage(BaseModel):

@@ -11,15 +11,10 @@ log = logging.getLogger(__name__)
 def run_server(args) -> int:
     """Serve until interrupted. Configuration problems raise ValueError (one clear line);
     an engine core that fails to start is reported and gives exit code 1."""
-    import uvicorn
-
-    from tokenmill.api.app import AppSettings, build_app
-    from tokenmill.api.async_engine import AsyncEngine
     from tokenmill.commands.engine_args import engine_kwargs
     from tokenmill.config import EngineConfig
     from tokenmill.core_process import CoreClient, CoreStartupError
     from tokenmill.default_model import DEFAULT_MODEL_NAME, resolve_model
-    from tokenmill.tokenizer import load_tokenizer
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -30,16 +25,24 @@ def run_server(args) -> int:
         raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     config = EngineConfig.from_kwargs(model, tokenizer=args.tokenizer, served_model_name=names[0],
                                       max_waiting=args.max_waiting, **engine_kwargs(args))
+    # The core loads the model while this process loads the tokenizer (both import torch).
+    core = CoreClient(config, startup_timeout=args.startup_timeout, wait=False)
     try:
-        tokenizer = load_tokenizer(args.tokenizer or model)
-    except Exception as exc:  # missing or broken tokenizer files: say which directory
-        raise ValueError(f"cannot load a tokenizer from {args.tokenizer or model}: {exc}") from None
-    try:
-        core = CoreClient(config, startup_timeout=args.startup_timeout)
-    except CoreStartupError as exc:
-        print(f"tokenmill serve: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    try:
+        import uvicorn
+
+        from tokenmill.api.app import AppSettings, build_app
+        from tokenmill.api.async_engine import AsyncEngine
+        from tokenmill.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(args.tokenizer or model)
+        except Exception as exc:  # missing or broken tokenizer files: say which directory
+            raise ValueError(f"cannot load a tokenizer from {args.tokenizer or model}: {exc}") from None
+        try:
+            core.wait_ready()
+        except CoreStartupError as exc:
+            print(f"tokenmill serve: error: {exc}", file=sys.stderr, flush=True)
+            return 1
         engine = AsyncEngine(core, tokenizer)
         app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes))
         info = core.info

@@ -67,6 +67,7 @@ class Serving:
         self.model_path = model_path
         self.max_model_len = engine.info.max_model_len
         self.vocab_size = engine.info.vocab_size
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def model_name(self) -> str:
@@ -80,7 +81,11 @@ class Serving:
     def log_unknown(self, req, endpoint: str) -> None:
         unknown = req.unknown_fields()
         if unknown:
-            log.warning("%s: ignoring unknown field(s): %s", endpoint, ", ".join(unknown))
+            # Once per field at warning level: load generators send the same extras on every request.
+            fresh = [f for f in unknown if (endpoint, f) not in self._warned]
+            self._warned.update((endpoint, f) for f in fresh)
+            log.log(logging.WARNING if fresh else logging.DEBUG, "%s: ignoring unknown field(s): %s",
+                    endpoint, ", ".join(unknown))
 
     def sampling_params(self, req):
         try:

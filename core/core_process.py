@@ -104,6 +104,12 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
         except OSError:
             pass
         raise SystemExit(1)
+    # Asked to shut down: nothing to save, so skip the slow interpreter teardown (torch threads...).
+    from multiprocessing import util
+
+    util._exit_function()  # release multiprocessing resources (tqdm's lock semaphore) as a normal exit would
+    logging.shutdown()
+    os._exit(0)
 
 
 def _loop(engine, cmd_conn, out_conn) -> None:
@@ -159,7 +165,8 @@ def _loop(engine, cmd_conn, out_conn) -> None:
 
 # -- the API side ---------------------------------------------------------------------------------
 class CoreClient:
-    """Starts the engine core process for ``config`` and waits until it is ready.
+    """Starts the engine core process for ``config`` and waits until it is ready
+    (with ``wait=False``, until :meth:`wait_ready` is called).
 
     Raises :class:`CoreStartupError` with the child's error if it fails to load, dies, or
     does not become ready within ``startup_timeout`` seconds (None: no limit, but a dead
@@ -167,7 +174,8 @@ class CoreClient:
     ``recv`` blocks and raises ``EOFError`` once the core is gone.
     """
 
-    def __init__(self, config, startup_timeout: float | None = None, log_level: int | None = None):
+    def __init__(self, config, startup_timeout: float | None = None, log_level: int | None = None,
+                 wait: bool = True):
         ctx = mp.get_context("spawn")
         cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
         self._out_r, out_w = ctx.Pipe(duplex=False)
@@ -180,13 +188,23 @@ class CoreClient:
         out_w.close()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self.info: CoreInfo | None = None
+        self._startup_timeout = startup_timeout
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CoreInfo:
+        """Block until the core has loaded (``wait=False`` lets the caller work meanwhile)."""
+        if self.info is not None:
+            return self.info
         try:
-            self.info: CoreInfo = self._wait_ready(startup_timeout)
+            self.info = self._wait_ready(self._startup_timeout)
         except BaseException:
             self._kill()
             raise
         self._sender = threading.Thread(target=self._send_loop, name="tokenmill-core-sender", daemon=True)
         self._sender.start()
+        return self.info
 
     def _wait_ready(self, timeout: float | None) -> CoreInfo:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -235,6 +253,8 @@ class CoreClient:
         """Ask the core to stop, then make sure it has (terminate, kill)."""
         if self._closed:
             return
+        if self.info is None:  # still loading: nothing to shut down gracefully
+            return self._kill()
         self.send(("shutdown",))
         self._closed = True
         self._outbox.put(None)

@@ -182,6 +182,12 @@ class PluginManager:
                                                    traceback.format_exc()))
                 results = []
             if registry == "platforms":
+                bad = [x for x in results if not isinstance(x, Platform)]
+                if bad:  # selection would crash on them later, far from the culprit
+                    self.failures.append(PluginFailure(
+                        info.name, info.dist, info.version, None,
+                        f"tokenmill_platforms returned {len(bad)} object(s) that are not Platform instances: {bad[0]!r}"))
+                    results = [x for x in results if isinstance(x, Platform)]
                 for platform in results:
                     platform.plugin_name = info.name
                     platform.plugin_version = info.version

@@ -59,24 +59,33 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0) -> Server:
-    """Start a server and wait (bounded) until ``GET /health`` answers 200."""
+def launch_server(args: list[str], env: dict | None = None) -> Server:
+    """Start ``python -m tokenmill serve ARGS`` on a free port; does not wait (see :func:`wait_healthy`)."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="tokenmill-serve-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "tokenmill", "serve", *args, "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def wait_healthy(server: Server, timeout: float = 180.0) -> Server:
+    """Wait (bounded) until ``GET /health`` answers 200; fail with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()[-4000:]}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                 return server
         time.sleep(0.25)
     stop_server(server)
     raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{server.log()[-4000:]}")
+
+
+def start_server(args: list[str], env: dict | None = None, timeout: float = 180.0) -> Server:
+    """Start a server and wait until it is healthy."""
+    return wait_healthy(launch_server(args, env), timeout)
 
 
 def stop_server(server: Server) -> None:
@@ -90,10 +99,15 @@ def stop_server(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], env: dict | None = None):
-    server = start_server(args, env)
+def running_server(args: list[str], env: dict | None = None, while_starting=None):
+    """A healthy server for the ``with`` block, stopped afterwards. ``while_starting()`` runs
+    while the server loads (say, the offline LLM the test compares against); the block gets
+    ``(server, its result)`` then, else just the server."""
+    server = launch_server(args, env)
     try:
-        yield server
+        extra = while_starting() if while_starting is not None else None
+        wait_healthy(server)
+        yield (server, extra) if while_starting is not None else server
     finally:
         stop_server(server)
         server.log_path.unlink(missing_ok=True)

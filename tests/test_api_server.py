@@ -25,22 +25,30 @@ def model_dir():
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def stack(model_dir):
+    def offline():  # loads while the server starts
+        from tokenmill import LLM
+
+        return LLM(model_dir, device="cpu", kv_cache_memory=8 << 20, max_model_len=256)
+
     with running_server([model_dir, *SMALL_ENGINE, "--served-model-name", MODEL,
-                         "--max-body-bytes", str(BODY_LIMIT)]) as s:
-        yield s
+                         "--max-body-bytes", str(BODY_LIMIT)], while_starting=offline) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def server(stack):
+    return stack[0]
+
+
+@pytest.fixture(scope="module")
+def llm(stack):
+    return stack[1]
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    from tokenmill import LLM
-
-    return LLM(model_dir, device="cpu", kv_cache_memory=8 << 20, max_model_len=256)
 
 
 def greedy(llm, prompts, max_tokens=8, **kw):

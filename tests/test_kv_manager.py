@@ -214,6 +214,22 @@ def test_fork_children_diverge_and_cache_their_own_blocks():
     m.check_invariants()
 
 
+def test_rewriting_a_cached_block_copies_it():
+    m = KVCacheManager(num_blocks=16, block_size=4)
+    toks = list(range(10))
+    prefill(m, 1, toks)
+    cached = m.block_table(1)[1]
+    assert m.is_cached(cached) and m.ref_count(cached) == 1
+    copies = m.allocate(1, 4, 4)  # a caller rewinding into cached positions must not corrupt the tree
+    assert copies == [(cached, m.block_table(1)[1])] and m.num_cached_blocks == 1
+    m.cache_blocks(1, toks, 8)
+    m.cache_blocks(99, toks, 8)  # unknown sequence: no-op
+    m.check_invariants()
+    m.free(1)
+    assert m.match_prefix(2, toks) == 8 and m.block_table(2)[1] == cached
+    m.check_invariants()
+
+
 def test_prefix_caching_off_never_shares():
     m = KVCacheManager(num_blocks=32, block_size=4, enable_prefix_caching=False)
     toks = list(range(13))

@@ -116,3 +116,15 @@ def test_root_extras_and_the_install_command_cover_every_plugin():
     expected |= {p.relative_to(ROOT) for p in (ROOT / "tests" / "plugins").iterdir() if (p / "pyproject.toml").exists()}
     assert local == expected
     assert any(line.startswith("torch==") for line in (ROOT / "constraints.txt").read_text().splitlines())
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    assert "pip install -r requirements-dev.txt" in first_block
+    assert "tokenmill plugins" in first_block
+    assert ".venv/bin/pytest -q" in first_block
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
+    assert '"$venv/bin/pip" install --progress-bar off -r requirements-dev.txt' in ci
+    assert '"$venv/bin/pytest" -q' in ci

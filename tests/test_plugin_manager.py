@@ -228,3 +228,14 @@ def test_allowlisted_out_plugins_are_not_even_imported():
     env["TOKENMILL_PLUGINS"] = "cpu"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["tokenmill_cpu", "tokenmill_cpu.plugin"]
+
+
+def test_a_platform_hook_returning_junk_is_reported():
+    @hookimpl
+    def tokenmill_platforms():
+        return ["not a platform"]
+
+    pm = PluginManager(allowlist=["cpu"]).load()
+    pm.register_module("junk", _module("junk", tokenmill_platforms=tokenmill_platforms))
+    assert [p.name for p in pm.platforms()] == ["cpu"]
+    assert "not Platform instances: 'not a platform'" in _failure(pm, "junk").reason

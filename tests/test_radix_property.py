@@ -156,5 +156,5 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 TestKVCacheMachine = KVCacheMachine.TestCase
 TestKVCacheMachine.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None,
+    max_examples=120, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])

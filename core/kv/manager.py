@@ -141,11 +141,12 @@ class KVCacheManager:
 
         Call after each step, chunked prefills included. A block whose content is already
         cached under the same parent (computed concurrently by another sequence) is left as
-        the sequence's private duplicate, and so are its later blocks. No-op with caching off.
+        the sequence's private duplicate, and so are its later blocks. No-op with caching off
+        or for an unknown (already freed) sequence.
         """
-        if not self.enable_prefix_caching:
+        table = self._tables.get(seq_id)
+        if not self.enable_prefix_caching or table is None:
             return
-        table = self._tables[seq_id]
         state = self._cache_state.get(seq_id)
         if state is None:
             state = self._cache_state[seq_id] = _SeqCacheState(salt)

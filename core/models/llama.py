@@ -26,7 +26,7 @@ class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, optional q/k norm, rotary, paged attention, output projection."""
 
     def __init__(self, config, ctx: ModelContext, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 sliding_window: int | None, cos_sin_cache: torch.Tensor):
+                 sliding_window: int | None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -42,21 +42,20 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.kernels = ctx.kernels
-        self.cos_sin_cache = cos_sin_cache
         self.spec = AttentionSpec(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                   head_size=self.head_size, dtype=_dtype_name(ctx.dtype),
                                   sliding_window=sliding_window)
         self.attn = ctx.attention_backend(self.spec)
         self.layer_idx = layer_idx
 
-    def forward(self, positions, hidden, kv_cache, meta):
+    def forward(self, positions, hidden, kv_cache, meta, cos_sin_cache):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             n = hidden.shape[0]
             q = self.q_norm(q.reshape(-1, self.head_size)).view(n, self.q_size)
             k = self.k_norm(k.reshape(-1, self.head_size)).view(n, self.kv_size)
-        q, k = self.kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_size, True)
+        q, k = self.kernels.rotary_embedding(positions, q, k, cos_sin_cache, self.head_size, True)
         out = self.attn.forward(q.view(-1, self.num_heads, self.head_size),
                                 k.view(-1, self.num_kv_heads, self.head_size),
                                 v.reshape(-1, self.num_kv_heads, self.head_size), kv_cache, meta)
@@ -84,25 +83,24 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder layer; the residual stream is carried through ``fused_add_rms_norm``."""
 
-    def __init__(self, config, ctx: ModelContext, layer_idx: int, model_cls, cos_sin_cache):
+    def __init__(self, config, ctx: ModelContext, layer_idx: int, model_cls):
         super().__init__()
         self.self_attn = LlamaAttention(config, ctx, layer_idx, qkv_bias=model_cls.qkv_bias(config),
                                         o_bias=model_cls.o_bias(config),
                                         qk_norm=model_cls.qk_norm,
-                                        sliding_window=model_cls.layer_sliding_window(config, layer_idx),
-                                        cos_sin_cache=cos_sin_cache)
+                                        sliding_window=model_cls.layer_sliding_window(config, layer_idx))
         self.mlp_name = model_cls.mlp_name
         self.add_module(self.mlp_name, model_cls.make_mlp(config, ctx))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta):
+    def forward(self, positions, hidden, residual, kv_cache, meta, cos_sin_cache):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin_cache)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return getattr(self, self.mlp_name)(hidden), residual
 
@@ -118,7 +116,7 @@ class LlamaModel(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin_cache_from_hf(config, head_size, device=ctx.device),
                              persistent=False)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ctx, i, model_cls, self.cos_sin_cache)
+            LlamaDecoderLayer(config, ctx, i, model_cls)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx)
 
@@ -126,7 +124,7 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.cos_sin_cache)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -16,5 +16,23 @@ def tokenmill_platforms():
     return [CpuPlatform()]
 
 
-# CPU kernels that beat the reference ops (IPEX, oneDNN paths) register here through
-# ``tokenmill_kernels``; until then every op falls back to the core's reference.
+# Attention and ops that beat the reference on CPUs (tokenmill_cpu.attention, .ops), plus
+# intel-extension-for-pytorch's RMSNorm when it is installed and matches torch (.ipex).
+# Importing them here would import torch: each hook imports on call.
+
+
+@hookimpl
+def tokenmill_attention_backends():
+    from tokenmill_cpu.attention import CpuAttention
+
+    return [CpuAttention]
+
+
+@hookimpl
+def tokenmill_kernels():
+    from tokenmill.ops.registry import KernelImpl
+    from tokenmill_cpu.ipex import ipex_kernels
+    from tokenmill_cpu.ops import CPU_OPS
+
+    impls = [KernelImpl(op, "cpu", fn, provider="tokenmill-cpu", priority=10) for op, fn in CPU_OPS.items()]
+    return impls + ipex_kernels("tokenmill-cpu")

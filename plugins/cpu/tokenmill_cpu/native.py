@@ -1,0 +1,185 @@
+"""A small C kernel for decode attention over the paged KV cache, built with the system compiler.
+
+Decode attention is memory bound: every step reads each sequence's whole K/V context.
+Torch can only get there through a gather (copy the pages into a padded batch, then
+SDPA), which moves the context through memory three times. This kernel reads each page
+once, in place: one OpenMP task per (sequence, KV head) computes the scores of the
+group's query heads, a softmax, and the weighted sum of values, in float32.
+
+It is compiled on first use with ``cc -O3 -march=native -fopenmp`` into a cache
+directory (``$TOKENMILL_CPU_KERNEL_CACHE``, default ``~/.cache/tokenmill/cpu-kernels``),
+named by a hash of the source, the flags and the CPU, and loaded through ctypes; the
+compiled library links the OpenMP runtime torch already loaded, so they share threads.
+Without a compiler (or with ``TOKENMILL_CPU_NATIVE=0``) :func:`load` returns None and the
+backend falls back to the torch path; :func:`status` says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Decode attention, float32. For each decode sequence s (its query row q_rows[s]):
+   context length L = seq_lens[s]; keys 0..L-1 live in pages block_tables[s*bt_stride + i],
+   token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous.
+   q and out: rows of H*D floats with row strides q_stride / out_stride; head h reads KV
+   head h / G. window > 0 keeps only the last `window` keys. */
+void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                      const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+                      const int64_t *q_rows, float *out, int64_t out_stride,
+                      int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
+    const int G = H / Hk;
+    const int64_t tok_stride = (int64_t)Hk * D;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int task = 0; task < S * Hk; task++) {
+        const int s = task / Hk, kvh = task % Hk;
+        const int L = seq_lens[s];
+        const int start = (window > 0 && L > window) ? L - window : 0;
+        const int n = L - start;
+        if (n <= 0) continue;
+        const float *qs = q + q_rows[s] * q_stride + (int64_t)kvh * G * D;
+        float *os = out + q_rows[s] * out_stride + (int64_t)kvh * G * D;
+        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (size_t)n);
+        float *acc = (float *)calloc((size_t)G * (size_t)D, sizeof(float));
+        const int32_t *table = block_tables + (int64_t)s * bt_stride;
+        for (int t = start; t < L; t++) {
+            const float *kp = k_cache + ((int64_t)table[t / bs] * bs + t % bs) * tok_stride + (int64_t)kvh * D;
+            for (int g = 0; g < G; g++) {
+                const float *qg = qs + (int64_t)g * D;
+                float dot = 0.0f;
+                #pragma omp simd reduction(+:dot)
+                for (int d = 0; d < D; d++) dot += qg[d] * kp[d];
+                scores[(int64_t)g * n + (t - start)] = dot * scale;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float *sc = scores + (int64_t)g * n;
+            float m = -INFINITY;
+            for (int i = 0; i < n; i++) m = sc[i] > m ? sc[i] : m;
+            float sum = 0.0f;
+            for (int i = 0; i < n; i++) { sc[i] = expf(sc[i] - m); sum += sc[i]; }
+            const float inv = 1.0f / sum;
+            for (int i = 0; i < n; i++) sc[i] *= inv;
+        }
+        for (int t = start; t < L; t++) {
+            const float *vp = v_cache + ((int64_t)table[t / bs] * bs + t % bs) * tok_stride + (int64_t)kvh * D;
+            for (int g = 0; g < G; g++) {
+                const float w = scores[(int64_t)g * n + (t - start)];
+                float *ag = acc + (int64_t)g * D;
+                #pragma omp simd
+                for (int d = 0; d < D; d++) ag[d] += w * vp[d];
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int d = 0; d < D; d++) os[(int64_t)g * D + d] = acc[(int64_t)g * D + d];
+        free(scores);
+        free(acc);
+    }
+}
+"""
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+ENV_DISABLE = "TOKENMILL_CPU_NATIVE"
+ENV_CACHE = "TOKENMILL_CPU_KERNEL_CACHE"
+
+_lock = threading.Lock()
+_lib = None
+_status = "not loaded yet"
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return os.uname().machine
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "tokenmill" / "cpu-kernels")
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "paged_decode.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
+        os.replace(out, target)  # atomic: concurrent builders agree on the result
+    return target
+
+
+def load():
+    """The loaded library (ctypes.CDLL), or None when it cannot be built here (see :func:`status`)."""
+    global _lib, _status
+    with _lock:
+        if _lib is not None or _status != "not loaded yet":
+            return _lib
+        if os.environ.get(ENV_DISABLE, "1") == "0":
+            _status = f"disabled by {ENV_DISABLE}=0"
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            _status = "no C compiler (cc, gcc or clang) on PATH; decode attention uses the torch path"
+            log.warning("tokenmill-cpu: %s", _status)
+            return None
+        try:
+            import torch  # noqa: F401 - its OpenMP runtime must be loaded first so that we share it
+
+            lib = ctypes.CDLL(str(_build(compiler)))
+            fn = lib.paged_decode_f32
+            i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+            fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32, i32]
+            fn.restype = None
+        except Exception as exc:  # noqa: BLE001 - any build or load problem means: use the torch path
+            _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention uses the torch path"
+            log.warning("tokenmill-cpu: %s", _status)
+            return None
+        _lib = lib
+        _status = f"native decode kernel built with {Path(compiler).name}"
+        return _lib
+
+
+def status() -> str:
+    """Whether the native kernel is in use, and why not when it is not."""
+    return _status
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, q_rows, out, scale: float, window: int | None,
+                 num_threads: int) -> None:
+    """Decode attention into ``out`` (see ``SOURCE``); every tensor float32/int32/int64 on the CPU.
+
+    ``q``, ``out``: ``[T, H, D]`` with contiguous rows; ``k_cache``, ``v_cache``:
+    ``[num_blocks, block_size, Hk, D]`` contiguous; ``block_tables`` int32 ``[S, nb]``
+    (row-contiguous); ``seq_lens`` int32 ``[S]``; ``q_rows`` int64 ``[S]``.
+    """
+    lib = _lib
+    _, num_heads, head = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    lib.paged_decode_f32(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), q_rows.data_ptr(),
+                         out.data_ptr(), out.stride(0), q_rows.shape[0], num_heads, num_kv_heads, head, block_size,
+                         float(scale), int(window or 0), int(num_threads))
