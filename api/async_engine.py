@@ -92,10 +92,6 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self.dead is None and self.core.alive
 
-    @property
-    def num_active(self) -> int:
-        return len(self._groups)
-
     def _reader(self) -> None:
         while True:
             try:

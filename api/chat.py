@@ -62,12 +62,17 @@ def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: 
                         "logprobs": _logprobs(srv, req, c), "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason})
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return {"id": sub.id, "object": "chat.completion", "created": sub.created, "model": srv.model_name,
-            "choices": choices, "usage": usage(sub.prompt_tokens, completion_tokens, out.num_cached_tokens)}
+    resp = {"id": sub.id, "object": "chat.completion", "created": sub.created,
+            "model": req.model or srv.model_name, "choices": choices,
+            "usage": usage(sub.prompt_tokens, completion_tokens, out.num_cached_tokens)}
+    if req.prompt_logprobs is not None:
+        resp["prompt_logprobs"] = srv.prompt_logprobs(out.prompt_logprobs)
+    return resp
 
 
 async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo: str):
-    head = {"id": sub.id, "object": "chat.completion.chunk", "created": sub.created, "model": srv.model_name}
+    head = {"id": sub.id, "object": "chat.completion.chunk", "created": sub.created,
+            "model": req.model or srv.model_name}
     counts = [0] * req.n
     finished = set()
 

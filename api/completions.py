@@ -66,15 +66,20 @@ def _response(srv: Serving, req: CompletionRequest, sub: Submitted, finals: dict
                     plp = out.prompt_logprobs or [None] * len(prompt.token_ids)
                     positions = list(plp) + positions
                 logprobs, _ = srv.completion_logprobs(ids, positions)
-            choices.append({"index": pi * req.n + c.index, "text": text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            choice = {"index": pi * req.n + c.index, "text": text, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = srv.prompt_logprobs(out.prompt_logprobs)
+            choices.append(choice)
     choices.sort(key=lambda ch: ch["index"])
-    return {"id": sub.id, "object": "text_completion", "created": sub.created, "model": srv.model_name,
-            "choices": choices, "usage": usage(sub.prompt_tokens, completion_tokens, cached)}
+    return {"id": sub.id, "object": "text_completion", "created": sub.created,
+            "model": req.model or srv.model_name, "choices": choices,
+            "usage": usage(sub.prompt_tokens, completion_tokens, cached)}
 
 
 async def _stream(srv: Serving, req: CompletionRequest, sub: Submitted):
-    head = {"id": sub.id, "object": "text_completion", "created": sub.created, "model": srv.model_name}
+    head = {"id": sub.id, "object": "text_completion", "created": sub.created,
+            "model": req.model or srv.model_name}
     finished, echoed = set(), set()
     offsets: dict[tuple, int] = {}
     counts: dict[tuple, int] = {}
@@ -86,17 +91,20 @@ async def _stream(srv: Serving, req: CompletionRequest, sub: Submitted):
                 if key in finished or not (c.text or c.token_ids or c.finish_reason):
                     continue
                 text, ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
-                if req.echo and key not in echoed:
+                choice = {"index": pi * req.n + c.index, "text": text, "logprobs": None,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if key not in echoed:  # the first chunk of this choice carries the prompt's part
                     echoed.add(key)
-                    text = _echo_text(srv, prompt.text, prompt.token_ids) + text
-                    ids = prompt.token_ids + ids
-                    positions = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
-                logprobs = None
+                    if req.echo:
+                        choice["text"] = _echo_text(srv, prompt.text, prompt.token_ids) + text
+                        ids = prompt.token_ids + ids
+                        positions = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
+                    if req.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = srv.prompt_logprobs(out.prompt_logprobs)
                 if req.logprobs is not None:
-                    logprobs, offsets[key] = srv.completion_logprobs(ids, positions, offsets.get(key, 0))
+                    choice["logprobs"], offsets[key] = srv.completion_logprobs(ids, positions, offsets.get(key, 0))
                 counts[key] = counts.get(key, 0) + len(c.token_ids)
-                chunk = {**head, "choices": [{"index": pi * req.n + c.index, "text": text, "logprobs": logprobs,
-                                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                chunk = {**head, "choices": [choice]}
                 if req.continuous_usage:
                     chunk["usage"] = usage(sub.prompt_tokens, sum(counts.values()))
                 if c.finish_reason is not None:

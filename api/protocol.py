@@ -56,6 +56,9 @@ class _SamplingFields(BaseModel):
 
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         """Raises ValueError (naming the field) for out-of-range values."""
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            # torch generators take 64-bit seeds; a bigger one would fail inside the engine's step.
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}.")
         if self.cache_salt is not None and not self.cache_salt:
             raise ValueError("cache_salt must be a non-empty string, got ''.")
         return SamplingParams(

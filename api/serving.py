@@ -183,6 +183,15 @@ class Serving:
             offset += len(text)
         return out, offset
 
+    @staticmethod
+    def prompt_logprobs(positions) -> list | None:
+        """vLLM's ``prompt_logprobs`` field: per prompt token None or ``{id: {logprob, rank, decoded_token}}``."""
+        if positions is None:
+            return None
+        return [None if pos is None else {
+            str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for t, lp in pos.items()} for pos in positions]
+
     def chat_logprobs(self, token_ids, positions, num_top: int) -> list[dict]:
         """The chat API's ``logprobs.content`` entries for these tokens."""
         content = []

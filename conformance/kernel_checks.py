@@ -8,7 +8,6 @@ inputs must come back unchanged (every op is functional).
 """
 from __future__ import annotations
 
-from tokenmill.ops.reference import REFERENCE_OPS
 from tokenmill.ops.registry import OPS, KernelImpl
 
 from tokenmill.conformance.results import Check, Skip
@@ -81,6 +80,8 @@ def _cast(value, dtype, device, keep_float32: bool):
 def run_kernel(impl: KernelImpl, dtype_name: str, device, seed: int = 0) -> str:
     """Compare ``impl`` with the reference op on every input set of its op."""
     import torch
+
+    from tokenmill.ops.reference import REFERENCE_OPS
 
     dtype = getattr(torch, dtype_name)
     reference = REFERENCE_OPS[impl.op]

@@ -36,13 +36,14 @@ def enable_interpreter() -> str | None:
     os.environ[INTERPRET_ENV] = "1"
     if "triton" in sys.modules:
         try:
-            from triton import knobs
-
-            if not knobs.runtime.interpret:
-                return ("triton was imported before interpreter mode was enabled; run the suite in a fresh "
-                        f"process or set {INTERPRET_ENV}=1 yourself")
-        except Exception:  # noqa: BLE001 - older Triton: trust the variable
+            import triton.language as tl
+            from triton.runtime.interpreter import InterpretedFunction
+        except Exception:  # noqa: BLE001 - a Triton without these: trust the variable
             return None
+        # Triton's own library functions were decorated at import: interpreted or compiled for good.
+        if not isinstance(tl.cdiv, InterpretedFunction):
+            return ("triton was imported before interpreter mode was enabled; run the suite in a fresh "
+                    f"process or set {INTERPRET_ENV}=1 yourself")
     return None
 
 

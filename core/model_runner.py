@@ -134,7 +134,7 @@ class ModelRunner:
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed + index)
+            gen.manual_seed((seed + index) & 0xFFFF_FFFF_FFFF_FFFF)
             self._generators[key] = gen
         return gen
 

@@ -120,8 +120,8 @@ class SamplingParams:
             bad("logprobs", "None or >= 0")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             bad("prompt_logprobs", "None or >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "None or an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+            bad("seed", "None or a 64-bit signed integer")
         if any(not isinstance(s, str) or s == "" for s in self._stop_list):
             bad("stop", "a non-empty string or a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):

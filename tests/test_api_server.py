@@ -106,6 +106,21 @@ def test_chat_and_chat_stream(client, llm):
     assert chunks[-1].usage.completion_tokens == 6
 
 
+def test_chat_continue_final_message(client, llm):
+    messages = [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": "Once upon"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True, "echo": True, "add_generation_prompt": False,
+                                                   "continue_final_message": True})
+    prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert prompt.endswith("Once upon")
+    (offline,) = greedy(llm, [{"prompt": prompt, "prompt_token_ids": llm.tokenizer.encode(
+        prompt, add_special_tokens=False)}], max_tokens=4)
+    assert r.choices[0].message.content == "Once upon" + offline.outputs[0].text
+    bad = httpx.post(str(client.base_url).rstrip("/") + "/chat/completions",
+                     json={"model": MODEL, "messages": messages, "continue_final_message": True})
+    assert_error(bad, 400, "messages")  # add_generation_prompt defaults to true: both cannot hold
+
+
 def _params(**kw):
     from tokenmill import SamplingParams
 
@@ -186,6 +201,40 @@ def test_seed_reproducible(client):
     a = sample(123)
     assert sample(123) == a
     assert sample(124) != a
+
+
+def test_vllm_extras(client, llm):
+    base = client.completions.create(model=MODEL, prompt="try:", max_tokens=8, temperature=0, logprobs=0,
+                                     extra_body={"ignore_eos": True})
+    top1 = client.completions.create(model=MODEL, prompt="try:", max_tokens=8, temperature=1.0, seed=5,
+                                     extra_body={"ignore_eos": True, "top_k": 1, "min_p": 0.0,
+                                                 "repetition_penalty": 1.0})
+    assert top1.choices[0].text == base.choices[0].text  # top_k=1 is greedy
+    (offline,) = greedy(llm, ["try:"], max_tokens=8)
+    stop_id = offline.outputs[0].token_ids[3]
+    first = offline.outputs[0].token_ids.index(stop_id)
+    r = client.completions.create(model=MODEL, prompt="try:", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True, "stop_token_ids": [stop_id], "min_tokens": 0})
+    assert r.choices[0].finish_reason == "stop" and getattr(r.choices[0], "stop_reason") == stop_id
+    assert r.usage.completion_tokens == first + 1
+    r = client.completions.create(model=MODEL, prompt="try:", max_tokens=4, temperature=0,
+                                  extra_body={"prompt_logprobs": 1})
+    plp = getattr(r.choices[0], "prompt_logprobs")
+    assert plp[0] is None and len(plp) == r.usage.prompt_tokens
+    assert all(1 <= len(pos) <= 2 for pos in plp[1:])
+
+
+def test_cache_salt_separates_prefix_cache(client):
+    prompt = "cached prefix " * 12  # several full 16-token blocks
+
+    def cached(salt):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"cache_salt": salt})
+        details = r.usage.prompt_tokens_details
+        return details.cached_tokens if details else 0
+
+    cached("tenant-a")
+    assert cached("tenant-a") >= 16
+    assert cached("tenant-b") == 0
 
 
 def test_continuous_usage_stats(server):
@@ -284,6 +333,7 @@ ERROR_CASES = {
     "token id out of vocab": ("/v1/completions", {"model": MODEL, "prompt": [1, 10**6]}, 400, "prompt"),
     "logit_bias out of vocab": ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}},
                                 400, "logit_bias"),
+    "seed too large": ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
     "too many logprobs": ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
     "stream bad n": ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0, "stream": True}, 400, "n"),
     "unknown model": ("/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "model"),
@@ -335,7 +385,7 @@ def test_non_stream_disconnect_frees_blocks(server):
     wait_for(lambda: _engine_idle(server.url))
     before = metrics(server.url)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/completions", timeout=0.5,
+        httpx.post(server.base_url + "/completions", timeout=0.3,
                    json={"model": MODEL, "prompt": "ab", "max_tokens": 250, "ignore_eos": True, "n": 4})
     after = wait_for(lambda: _engine_idle(server.url))
     assert after["tokenmill:request_aborted_total"] == before.get("tokenmill:request_aborted_total", 0) + 1

@@ -1,4 +1,4 @@
-"""SiLU-and-mul in Triton: ``silu(x[:, :I]) * x[:, I:]``, one program per row and column block.
+"""SiLU-and-mul in Triton: ``silu(x[:, :I]) * x[:, I:]`` over the flattened ``[N, I]`` output.
 
 As the reference: the SiLU is evaluated in float32 and rounded to the input dtype before
 the product, which is rounded again.
@@ -15,15 +15,16 @@ BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul(x_ptr, y_ptr, inter, stride_x, stride_y, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+def _silu_and_mul(x_ptr, y_ptr, total, inter, stride_x, stride_y, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < total
+    row = e // inter
+    col = e % inter
+    gate = tl.load(x_ptr + row * stride_x + col, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + inter + col, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    tl.store(y_ptr + row * stride_y + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + col, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, width = x2.shape
     inter = width // 2
     y = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
-    block = min(BLOCK, next_pow2(inter))
-    if rows and inter:
-        kernel_for(_silu_and_mul, x2)[(rows, triton.cdiv(inter, block))](
-            x2, y, inter, x2.stride(0), y.stride(0), BLOCK=block)
+    total = rows * inter
+    if total:
+        block = min(BLOCK, next_pow2(total))
+        kernel_for(_silu_and_mul, x2)[(triton.cdiv(total, block),)](
+            x2, y, total, inter, x2.stride(0), y.stride(0), BLOCK=block)
     return y.view(*shape[:-1], inter)

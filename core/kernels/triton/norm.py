@@ -1,8 +1,8 @@
-"""RMSNorm in Triton, with the residual add fused in: one program per row.
+"""RMSNorm in Triton, with the residual add fused in: each program normalises a tile of rows.
 
 Arithmetic follows the reference op exactly: the sum ``x + residual`` is rounded to the
 input dtype (it is the new residual), normalised in float32, cast back to the input
-dtype, then multiplied by the weight.
+dtype, then multiplied by the weight. Narrow rows are packed several to a program.
 """
 from __future__ import annotations
 
@@ -12,24 +12,27 @@ import triton.language as tl
 
 from tokenmill.kernels.triton.launch import kernel_for, next_pow2
 
+#: Elements per program when packing several narrow rows together.
+TILE = 4096
+
 
 @triton.jit
-def _rms_norm(x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, eps, hidden,
+def _rms_norm(x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, eps, rows, hidden,
               stride_x, stride_r, stride_y, stride_nr,
-              HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+              HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (r < rows) & (cols < hidden)
+    x = tl.load(x_ptr + r * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        tl.store(new_res_ptr + row * stride_nr + cols, x, mask=mask)
+        x = x + tl.load(res_ptr + r * stride_r + cols, mask=mask, other=0.0)
+        tl.store(new_res_ptr + r * stride_nr + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, 0) / hidden
-    normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    var = tl.sum(xf * xf, 1) / hidden
+    normed = (xf * (1.0 / tl.sqrt(var + eps))[:, None]).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0)
     y = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + r * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x, residual, weight, eps):
@@ -47,10 +50,12 @@ def _launch(x, residual, weight, eps):
     else:
         r2 = new_res = x2
     if rows:
-        kernel_for(_rms_norm, x2)[(rows,)](
-            x2, r2, weight, y, new_res, float(eps), hidden,
+        block = next_pow2(hidden)
+        block_rows = min(16, next_pow2(rows), max(1, TILE // block))
+        kernel_for(_rms_norm, x2)[(triton.cdiv(rows, block_rows),)](
+            x2, r2, weight, y, new_res, float(eps), rows, hidden,
             x2.stride(0), r2.stride(0), y.stride(0), new_res.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(hidden))
+            HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK=block)
     return y.view(shape), new_res.view(shape)
 
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding in Triton: one program per token rotates every head of q or k.
+"""Rotary position embedding in Triton: each program rotates every head of a few tokens of q or k.
 
 Neox style rotates the two halves of the first ``rotary_dim`` features, the other style
 interleaved pairs; features past ``rotary_dim`` pass through. As the reference, cosines
@@ -12,20 +12,25 @@ import triton.language as tl
 
 from tokenmill.kernels.triton.launch import kernel_for, next_pow2
 
+#: Elements (tokens x heads x rotary pairs) per program.
+TILE = 2048
+
 
 @triton.jit
-def _rotary(pos_ptr, x_ptr, y_ptr, cs_ptr, stride_xt, stride_yt, stride_cs,
+def _rotary(pos_ptr, x_ptr, y_ptr, cs_ptr, n, stride_xt, stride_yt, stride_cs,
             NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-            HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    p = tl.load(pos_ptr + t).to(tl.int64)
-    i = tl.arange(0, HALF_PAD)
-    i_ok = i < HALF
+            BLOCK_T: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
+    t1 = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t1 < n
+    p = tl.load(pos_ptr + t1, mask=t_ok, other=0).to(tl.int64)[:, None, None]
+    t = t1.to(tl.int64)[:, None, None]
+    h = tl.arange(0, HEADS_PAD)[None, :, None]
+    i = tl.arange(0, HALF_PAD)[None, None, :]
     dt = x_ptr.dtype.element_ty
-    cos = tl.load(cs_ptr + p * stride_cs + i, mask=i_ok, other=0.0).to(dt).to(tl.float32)
-    sin = tl.load(cs_ptr + p * stride_cs + HALF + i, mask=i_ok, other=0.0).to(dt).to(tl.float32)
-    h = tl.arange(0, HEADS_PAD)[:, None]
-    mask = (h < NUM_HEADS) & i_ok[None, :]
+    cs_mask = t_ok[:, None, None] & (i < HALF)
+    cos = tl.load(cs_ptr + p * stride_cs + i, mask=cs_mask, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(cs_ptr + p * stride_cs + HALF + i, mask=cs_mask, other=0.0).to(dt).to(tl.float32)
+    mask = cs_mask & (h < NUM_HEADS)
     if IS_NEOX:
         i1 = i
         i2 = i + HALF
@@ -34,13 +39,13 @@ def _rotary(pos_ptr, x_ptr, y_ptr, cs_ptr, stride_xt, stride_yt, stride_cs,
         i2 = 2 * i + 1
     x_row = x_ptr + t * stride_xt + h * HEAD
     y_row = y_ptr + t * stride_yt + h * HEAD
-    x1 = tl.load(x_row + i1[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + i2[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_row + i1[None, :], (x1 * cos[None, :] - x2 * sin[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_row + i2[None, :], (x2 * cos[None, :] + x1 * sin[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    x1 = tl.load(x_row + i1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + i2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_row + i1, (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_row + i2, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
     if 2 * HALF < HEAD:
-        d = tl.arange(0, HEAD_PAD)[None, :]
-        pmask = (h < NUM_HEADS) & (d >= 2 * HALF) & (d < HEAD)
+        d = tl.arange(0, HEAD_PAD)[None, None, :]
+        pmask = t_ok[:, None, None] & (h < NUM_HEADS) & (d >= 2 * HALF) & (d < HEAD)
         tl.store(y_row + d, tl.load(x_row + d, mask=pmask, other=0.0), mask=pmask)
 
 
@@ -53,10 +58,12 @@ def _rotate(positions, x, cos_sin_cache, head_size, is_neox):
     heads = x2.shape[1] // head_size
     half = cos_sin_cache.shape[-1] // 2
     if n:
-        kernel_for(_rotary, x2)[(n,)](
-            positions, x2, y, cos_sin_cache, x2.stride(0), y.stride(0), cos_sin_cache.stride(0),
-            NUM_HEADS=heads, HEAD=head_size, HALF=half, IS_NEOX=bool(is_neox),
-            HEADS_PAD=next_pow2(heads), HALF_PAD=next_pow2(half), HEAD_PAD=next_pow2(head_size))
+        heads_pad, half_pad = next_pow2(heads), next_pow2(half)
+        block_t = min(16, next_pow2(n), max(1, TILE // (heads_pad * half_pad)))
+        kernel_for(_rotary, x2)[(triton.cdiv(n, block_t),)](
+            positions, x2, y, cos_sin_cache, n, x2.stride(0), y.stride(0), cos_sin_cache.stride(0),
+            NUM_HEADS=heads, HEAD=head_size, HALF=half, IS_NEOX=bool(is_neox), BLOCK_T=block_t,
+            HEADS_PAD=heads_pad, HALF_PAD=half_pad, HEAD_PAD=next_pow2(head_size))
     return y.view(x.shape)
 
 

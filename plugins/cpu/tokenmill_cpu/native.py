@@ -36,13 +36,15 @@ SOURCE = r"""
    context length L = seq_lens[s]; keys 0..L-1 live in pages block_tables[s*bt_stride + i],
    token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous.
    q and out: rows of H*D floats with row strides q_stride / out_stride; head h reads KV
-   head h / G. window > 0 keeps only the last `window` keys. */
+   head h / G. window > 0 keeps only the last `window` keys. One task per (sequence, KV
+   head): scores of the group's G query heads, softmax, weighted sum of values. */
 void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                       const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
                       const int64_t *q_rows, float *out, int64_t out_stride,
                       int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
     const int G = H / Hk;
     const int64_t tok_stride = (int64_t)Hk * D;
+    const int64_t blk_stride = (int64_t)bs * tok_stride;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int task = 0; task < S * Hk; task++) {
         const int s = task / Hk, kvh = task % Hk;
@@ -55,14 +57,19 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
         float *scores = (float *)malloc(sizeof(float) * (size_t)G * (size_t)n);
         float *acc = (float *)calloc((size_t)G * (size_t)D, sizeof(float));
         const int32_t *table = block_tables + (int64_t)s * bt_stride;
-        for (int t = start; t < L; t++) {
-            const float *kp = k_cache + ((int64_t)table[t / bs] * bs + t % bs) * tok_stride + (int64_t)kvh * D;
-            for (int g = 0; g < G; g++) {
-                const float *qg = qs + (int64_t)g * D;
-                float dot = 0.0f;
-                #pragma omp simd reduction(+:dot)
-                for (int d = 0; d < D; d++) dot += qg[d] * kp[d];
-                scores[(int64_t)g * n + (t - start)] = dot * scale;
+        /* pass 1: scores, page by page (no division per token) */
+        for (int b = start / bs, t0 = b * bs; t0 < L; b++, t0 += bs) {
+            const float *page = k_cache + (int64_t)table[b] * blk_stride + (int64_t)kvh * D;
+            const int lo = t0 < start ? start - t0 : 0, hi = L - t0 < bs ? L - t0 : bs;
+            for (int o = lo; o < hi; o++) {
+                const float *kp = page + o * tok_stride;
+                for (int g = 0; g < G; g++) {
+                    const float *qg = qs + (int64_t)g * D;
+                    float dot = 0.0f;
+                    #pragma omp simd reduction(+:dot)
+                    for (int d = 0; d < D; d++) dot += qg[d] * kp[d];
+                    scores[(int64_t)g * n + (t0 + o - start)] = dot * scale;
+                }
             }
         }
         for (int g = 0; g < G; g++) {
@@ -74,17 +81,21 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
             const float inv = 1.0f / sum;
             for (int i = 0; i < n; i++) sc[i] *= inv;
         }
-        for (int t = start; t < L; t++) {
-            const float *vp = v_cache + ((int64_t)table[t / bs] * bs + t % bs) * tok_stride + (int64_t)kvh * D;
-            for (int g = 0; g < G; g++) {
-                const float w = scores[(int64_t)g * n + (t - start)];
-                float *ag = acc + (int64_t)g * D;
-                #pragma omp simd
-                for (int d = 0; d < D; d++) ag[d] += w * vp[d];
+        /* pass 2: weighted sum of values */
+        for (int b = start / bs, t0 = b * bs; t0 < L; b++, t0 += bs) {
+            const float *page = v_cache + (int64_t)table[b] * blk_stride + (int64_t)kvh * D;
+            const int lo = t0 < start ? start - t0 : 0, hi = L - t0 < bs ? L - t0 : bs;
+            for (int o = lo; o < hi; o++) {
+                const float *vp = page + o * tok_stride;
+                for (int g = 0; g < G; g++) {
+                    const float w = scores[(int64_t)g * n + (t0 + o - start)];
+                    float *ag = acc + (int64_t)g * D;
+                    #pragma omp simd
+                    for (int d = 0; d < D; d++) ag[d] += w * vp[d];
+                }
             }
         }
-        for (int g = 0; g < G; g++)
-            for (int d = 0; d < D; d++) os[(int64_t)g * D + d] = acc[(int64_t)g * D + d];
+        for (int i = 0; i < G * D; i++) os[i] = acc[i];
         free(scores);
         free(acc);
     }

@@ -1,6 +1,9 @@
 """pytest front end of the suite: ``pytest --pyargs tokenmill.conformance --plugin NAME``.
 
-Options: ``--plugin`` (entry-point name, module or .py path), ``--interpret`` (Triton
+Registered with pytest through the ``pytest11`` entry point of the tokenmill distribution
+(or load it by hand: ``pytest -p tokenmill.conformance.pytest_plugin``). It only adds
+options and parametrizes the suite's own test, ``test_plugin.py`` in this package, so it
+is inert in any other test session. Options: ``--plugin`` (entry-point name, module or .py path), ``--interpret`` (Triton
 kernels on CPU tensors), ``--grid small|standard|full``, ``--conformance-report FILE.md``.
 Each check is one test, named by the check's id; skips carry the check's reason. The
 capability table is printed at the end of the session.
