@@ -7,7 +7,7 @@ reads :class:`Capabilities` and calls these methods.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

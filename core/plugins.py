@@ -12,7 +12,6 @@ import os
 import threading
 import traceback
 from dataclasses import dataclass, field
-from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 

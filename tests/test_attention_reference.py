@@ -11,13 +11,6 @@ from tokenmill.attention.interface import AttentionMetadata, AttentionSpec, Unsu
 from tokenmill.attention.reference import ReferenceAttention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # (tokens already cached, new tokens) per sequence: a fresh prefill, decodes at block
 # boundaries and mid-block, a prefill chunk on top of a cached context, a single-token prompt.

@@ -16,13 +16,6 @@ from tokenmill.testing.simple_runner import SimpleRunner, reference_context
 ARCHS = dict(ARCHITECTURES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _hf(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM

@@ -23,13 +23,6 @@ PROMPT_LENS = (5, 19, 40)  # with 32 new tokens: 37..72 positions, past every sl
 LOGPROB_ATOL = 1e-4  # float32 with the same weights: only summation order differs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _prompts():
     gen = torch.Generator().manual_seed(1234)

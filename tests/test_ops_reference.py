@@ -14,15 +14,6 @@ from tokenmill.ops.rope import build_cos_sin_cache, cos_sin_cache_from_hf, rope_
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: torch's thread pool only costs time on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_op_has_a_reference_and_resolves():
     assert set(ref.REFERENCE_OPS) == set(OPS)
     kernels = Kernels("anything", [KernelImpl(op, "*", fn, provider="reference") for op, fn in ref.REFERENCE_OPS.items()])

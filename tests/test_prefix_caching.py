@@ -62,6 +62,7 @@ def test_multi_turn_recomputes_only_new_messages(path):
     llm = LLM(model=path)
     tok = llm.get_tokenizer()
     messages = [{"role": "system", "content": "You are a helpful assistant that answers questions about Python. " * 3}]
+    prev_len = 0
     for turn in range(4):
         messages.append({"role": "user", "content": f"Question number {turn}: what does the module os do?"})
         before = llm.stats().prompt_tokens_computed

@@ -3,8 +3,9 @@
 Decode attention is memory bound: every step reads each sequence's whole K/V context.
 Torch can only get there through a gather (copy the pages into a padded batch, then
 SDPA), which moves the context through memory three times. This kernel reads each page
-once, in place: one OpenMP task per (sequence, KV head) computes the scores of the
-group's query heads, a softmax, and the weighted sum of values, in float32.
+once, in place: one OpenMP task per sequence (per sequence and KV head when there are
+few) streams its pages, computes the scores of every query head, a softmax, and the
+weighted sum of values, in float32.
 
 It is compiled on first use with ``cc -O3 -march=native -fopenmp`` into a cache
 directory (``$TOKENMILL_CPU_KERNEL_CACHE``, default ``~/.cache/tokenmill/cpu-kernels``),
@@ -31,13 +32,25 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Decode attention, float32. For each decode sequence s (its query row q_rows[s]):
    context length L = seq_lens[s]; keys 0..L-1 live in pages block_tables[s*bt_stride + i],
    token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous.
    q and out: rows of H*D floats with row strides q_stride / out_stride; head h reads KV
-   head h / G. window > 0 keeps only the last `window` keys. One task per (sequence, KV
-   head): scores of the group's G query heads, softmax, weighted sum of values. */
+   head h / G. window > 0 keeps only the last `window` keys. Per task: scores of the query
+   heads (pass over K), softmax, weighted sum of values (pass over V), in float32. */
+
+static void head_scores(const float *qs, const float *kp, float *sc, int G, int D, int n, int idx, float scale) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = qs + (int64_t)g * D;
+        float dot = 0.0f;
+        #pragma omp simd reduction(+:dot)
+        for (int d = 0; d < D; d++) dot += qg[d] * kp[d];
+        sc[(int64_t)g * n + idx] = dot * scale;
+    }
+}
+
 void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                       const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
                       const int64_t *q_rows, float *out, int64_t out_stride,
@@ -45,64 +58,69 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
     const int G = H / Hk;
     const int64_t tok_stride = (int64_t)Hk * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
+    /* few sequences: one task per (sequence, KV head); many: one per sequence, streaming whole rows */
+    const int split = S < 4 * nthreads ? Hk : 1;
+    const int heads_per_task = Hk / split;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int task = 0; task < S * Hk; task++) {
-        const int s = task / Hk, kvh = task % Hk;
+    for (int task = 0; task < S * split; task++) {
+        const int s = task / split, h0 = (task % split) * heads_per_task;
         const int L = seq_lens[s];
         const int start = (window > 0 && L > window) ? L - window : 0;
         const int n = L - start;
         if (n <= 0) continue;
-        const float *qs = q + q_rows[s] * q_stride + (int64_t)kvh * G * D;
-        float *os = out + q_rows[s] * out_stride + (int64_t)kvh * G * D;
-        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (size_t)n);
-        float *acc = (float *)calloc((size_t)G * (size_t)D, sizeof(float));
+        const int nh = heads_per_task;
+        const float *qs = q + q_rows[s] * q_stride + (int64_t)h0 * G * D;
+        float *os = out + q_rows[s] * out_stride + (int64_t)h0 * G * D;
+        float *scores = (float *)malloc(sizeof(float) * (size_t)nh * G * (size_t)n);
+        float *acc = (float *)calloc((size_t)nh * G * (size_t)D, sizeof(float));
         const int32_t *table = block_tables + (int64_t)s * bt_stride;
-        /* pass 1: scores, page by page (no division per token) */
+        const int gn = G * n;
         for (int b = start / bs, t0 = b * bs; t0 < L; b++, t0 += bs) {
-            const float *page = k_cache + (int64_t)table[b] * blk_stride + (int64_t)kvh * D;
+            const float *page = k_cache + (int64_t)table[b] * blk_stride + (int64_t)h0 * D;
             const int lo = t0 < start ? start - t0 : 0, hi = L - t0 < bs ? L - t0 : bs;
             for (int o = lo; o < hi; o++) {
                 const float *kp = page + o * tok_stride;
-                for (int g = 0; g < G; g++) {
-                    const float *qg = qs + (int64_t)g * D;
-                    float dot = 0.0f;
-                    #pragma omp simd reduction(+:dot)
-                    for (int d = 0; d < D; d++) dot += qg[d] * kp[d];
-                    scores[(int64_t)g * n + (t0 + o - start)] = dot * scale;
-                }
+                for (int h = 0; h < nh; h++)
+                    head_scores(qs + (int64_t)h * G * D, kp + (int64_t)h * D, scores + (int64_t)h * gn, G, D, n,
+                                t0 + o - start, scale);
             }
         }
-        for (int g = 0; g < G; g++) {
-            float *sc = scores + (int64_t)g * n;
+        for (int r = 0; r < nh * G; r++) {
+            float *sc = scores + (int64_t)r * n;
             float m = -INFINITY;
             for (int i = 0; i < n; i++) m = sc[i] > m ? sc[i] : m;
             float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
             for (int i = 0; i < n; i++) { sc[i] = expf(sc[i] - m); sum += sc[i]; }
             const float inv = 1.0f / sum;
+            #pragma omp simd
             for (int i = 0; i < n; i++) sc[i] *= inv;
         }
-        /* pass 2: weighted sum of values */
         for (int b = start / bs, t0 = b * bs; t0 < L; b++, t0 += bs) {
-            const float *page = v_cache + (int64_t)table[b] * blk_stride + (int64_t)kvh * D;
+            const float *page = v_cache + (int64_t)table[b] * blk_stride + (int64_t)h0 * D;
             const int lo = t0 < start ? start - t0 : 0, hi = L - t0 < bs ? L - t0 : bs;
             for (int o = lo; o < hi; o++) {
-                const float *vp = page + o * tok_stride;
-                for (int g = 0; g < G; g++) {
-                    const float w = scores[(int64_t)g * n + (t0 + o - start)];
-                    float *ag = acc + (int64_t)g * D;
-                    #pragma omp simd
-                    for (int d = 0; d < D; d++) ag[d] += w * vp[d];
+                const float *vp0 = page + o * tok_stride;
+                const int idx = t0 + o - start;
+                for (int h = 0; h < nh; h++) {
+                    const float *vp = vp0 + (int64_t)h * D;
+                    for (int g = 0; g < G; g++) {
+                        const float w = scores[(int64_t)(h * G + g) * n + idx];
+                        float *ag = acc + (int64_t)(h * G + g) * D;
+                        #pragma omp simd
+                        for (int d = 0; d < D; d++) ag[d] += w * vp[d];
+                    }
                 }
             }
         }
-        for (int i = 0; i < G * D; i++) os[i] = acc[i];
+        memcpy(os, acc, sizeof(float) * (size_t)nh * G * D);
         free(scores);
         free(acc);
     }
 }
 """
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_DISABLE = "TOKENMILL_CPU_NATIVE"
 ENV_CACHE = "TOKENMILL_CPU_KERNEL_CACHE"
 
