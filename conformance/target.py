@@ -155,7 +155,8 @@ def load_target(plugin: str, interpret: bool = False) -> Target:
 
 
 def describe_target(target: Target) -> dict:
-    """Facts for the report's header."""
+    """Facts for the report's header: registrations, each platform's ``describe()``, and the
+    plugin module's optional ``conformance_facts()`` (a plain function returning a dict)."""
     facts = {
         "distribution": f"{target.dist} {target.version}".strip() or "(not packaged)",
         "contract": f"{getattr(target.module, 'TOKENMILL_CONTRACT', '?')} (core speaks {CONTRACT_VERSION})",
@@ -166,6 +167,18 @@ def describe_target(target: Target) -> dict:
         or "none (the reference ops serve)",
         "mode": "Triton interpreter on CPU tensors" if target.interpret else "on the platform's device",
     }
+    for platform in target.platforms:
+        try:
+            described = platform.describe()
+        except Exception as exc:  # noqa: BLE001 - reported by the platform checks
+            described = {"describe() raised": f"{type(exc).__name__}: {exc}"}
+        facts[f"platform {platform.name}"] = ", ".join(f"{k}={v}" for k, v in described.items()) or "-"
+    extra = getattr(target.module, "conformance_facts", None)
+    if callable(extra):
+        try:
+            facts.update({str(k): str(v) for k, v in extra().items()})
+        except Exception as exc:  # noqa: BLE001 - optional and informational
+            facts["conformance_facts() raised"] = f"{type(exc).__name__}: {exc}"
     try:
         import torch
 

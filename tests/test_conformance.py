@@ -9,7 +9,7 @@ import pytest
 
 from tokenmill.attention.interface import AttentionBackend, AttentionSpec
 from tokenmill.cli import main
-from tokenmill.conformance import FAIL, PASS, SKIP, PluginNotFound, run_suite
+from tokenmill.conformance import FAIL, PASS, PluginNotFound, run_suite
 from tokenmill.conformance.attention_checks import GQA_RATIOS, SCENARIOS, grid, refusal_check, refusal_specs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,3 +144,12 @@ def test_refusal_checks_catch_a_backend_that_accepts_too_much():
     for what, spec in refusal_specs(honest):
         assert refusal_check(honest, what, spec).startswith("refused")
     assert honest.supports(AttentionSpec(8, 2, 64, "float32")) is None
+
+
+def test_cpu_plugin_torch_fallback_passes_too():
+    """Without the native decode kernel (no compiler, or disabled) the torch path must conform as well."""
+    env = {**__import__("os").environ, "TOKENMILL_CPU_NATIVE": "0"}
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "conformance", "cpu", "-q", "-k", "attention/cpu/cpu/float32",
+                           "-k", "e2e/cpu/llama"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "disabled by TOKENMILL_CPU_NATIVE=0" in proc.stdout and " 0 failed" in proc.stdout

@@ -122,7 +122,7 @@ def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
     assert "pip install -r requirements-dev.txt" in first_block
-    assert "tokenmill plugins" in first_block
+    assert "tokenmill serve" in first_block and "/v1/chat/completions" in first_block
     assert ".venv/bin/pytest -q" in first_block
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci

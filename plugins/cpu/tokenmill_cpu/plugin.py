@@ -36,3 +36,12 @@ def tokenmill_kernels():
 
     impls = [KernelImpl(op, "cpu", fn, provider="tokenmill-cpu", priority=10) for op, fn in CPU_OPS.items()]
     return impls + ipex_kernels("tokenmill-cpu")
+
+
+def conformance_facts() -> dict:
+    """Which fast paths are in use here, for the conformance report's header (not a hook)."""
+    from tokenmill_cpu import native
+    from tokenmill_cpu.ipex import ipex_status
+
+    native.load()
+    return {"native decode kernel": native.status(), "intel-extension-for-pytorch": ipex_status()[1]}
