@@ -114,6 +114,7 @@ def test_root_extras_and_the_install_command_cover_every_plugin():
     local = {Path(line[3:]) for line in lines if line.startswith("-e ") and line != "-e .[dev,cpu]"}
     expected = {Path("plugins") / n for n in PLATFORMS}
     expected |= {p.relative_to(ROOT) for p in (ROOT / "tests" / "plugins").iterdir() if (p / "pyproject.toml").exists()}
+    expected |= {p.relative_to(ROOT) for p in (ROOT / "examples").iterdir() if (p / "pyproject.toml").exists()}
     assert local == expected
     assert any(line.startswith("torch==") for line in (ROOT / "constraints.txt").read_text().splitlines())
 
