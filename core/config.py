@@ -81,6 +81,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"
     seed: int = 0
+    #: Run the core's reference ops and attention even where a plugin registered faster ones.
+    reference_ops: bool = False
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -89,7 +91,7 @@ class EngineConfig:
         for sub in (ModelConfig, CacheConfig, SchedulerConfig):
             names = {f.name for f in fields(sub)}
             parts[sub] = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        top = {k: kwargs.pop(k) for k in list(kwargs) if k in ("device", "seed")}
+        top = {k: kwargs.pop(k) for k in list(kwargs) if k in ("device", "seed", "reference_ops")}
         if kwargs:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
         return cls(model=ModelConfig(model=model, **parts[ModelConfig]), cache=CacheConfig(**parts[CacheConfig]),

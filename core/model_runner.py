@@ -52,14 +52,14 @@ class ModelRunner:
         if dtype_name not in platform.capabilities.dtypes:
             raise ValueError(f"dtype {dtype_name} is not supported by platform {platform.name} "
                              f"(supported: {', '.join(platform.capabilities.dtypes)})")
-        self.kernels = plugin_manager.kernels(platform.name, dtype_name)
+        self.kernels = plugin_manager.kernels(platform.name, dtype_name, core_only=config.reference_ops)
         archs = plugin_manager.model_architectures()
         names = getattr(hf_config, "architectures", None) or []
         model_cls = next((archs[n] for n in names if n in archs), None)
         if model_cls is None:
             raise ValueError(f"unknown architecture {names}; supported architectures: {', '.join(sorted(archs))}")
         spec = _attention_spec(model_cls, hf_config, dtype_name)
-        self.backend = plugin_manager.attention_backend(platform.name, spec)
+        self.backend = plugin_manager.attention_backend(platform.name, spec, core_only=config.reference_ops)
         ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device)
         self.model = load_model(config.model.model, ctx, plugin_manager.model_architectures())
         self.num_layers, self.spec = self.model.attention_spec()

@@ -245,17 +245,26 @@ class PluginManager:
             hint = f" (its plugin failed to load: {failed[0].reason})"
         raise PlatformUnavailable(f"unknown platform {device!r}{hint}; installed platforms: {known}")
 
-    def kernels(self, platform_name: str, dtype: str | None = None):
-        """The resolved :class:`~tokenmill.ops.registry.Kernels` for a platform and dtype."""
+    def kernels(self, platform_name: str, dtype: str | None = None, core_only: bool = False):
+        """The resolved :class:`~tokenmill.ops.registry.Kernels` for a platform and dtype.
+
+        ``core_only`` ignores what plugins registered: the core's reference ops everywhere
+        (benchmarks against the reference path, debugging a suspect kernel).
+        """
         from tokenmill.ops.registry import Kernels
 
-        return Kernels(platform_name, self.kernel_impls(), dtype)
+        impls = [k for name, k in self._collect("kernels") if not core_only or name == CORE_NAME]
+        return Kernels(platform_name, impls, dtype)
 
-    def attention_backend(self, platform_name: str, spec) -> type:
-        """The highest-priority backend serving ``platform_name`` that supports ``spec``; else ValueError with reasons."""
+    def attention_backend(self, platform_name: str, spec, core_only: bool = False) -> type:
+        """The highest-priority backend serving ``platform_name`` that supports ``spec``; else ValueError with reasons.
+
+        ``core_only`` considers only the core's own (reference) backends.
+        """
         from tokenmill.attention.interface import UnsupportedAttention
 
-        candidates = [b for b in self.attention_backends() if platform_name in b.device_types or "*" in b.device_types]
+        backends = [b for name, b in self._collect("attention_backends") if not core_only or name == CORE_NAME]
+        candidates = [b for b in backends if platform_name in b.device_types or "*" in b.device_types]
         candidates.sort(key=lambda b: (-b.priority, "*" in b.device_types))
         reasons = []
         for backend in candidates:

@@ -140,3 +140,12 @@ def test_bad_engine_options():
         LLM(model=str(make_tiny_model("llama")), block_size=0)
     with pytest.raises(ValueError, match="not a local directory"):
         LLM(model="/nonexistent/model")
+
+
+def test_reference_ops_path_matches_the_plugin_path(llm):
+    ref = LLM(model=str(make_tiny_model("llama")), dtype="float32", reference_ops=True)
+    assert set(ref.engine.runner.kernels.providers.values()) == {"reference"}
+    assert ref.engine.runner.backend.name == "reference"
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in ref.generate(PROMPTS, params)] == \
+        [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]

@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="workload seed")
-    p.add_argument("--compare", action="append", default=[], choices=["hf"],
-                   help="also run HF transformers generate on the same prompts")
+    p.add_argument("--compare", action="append", default=[], choices=["hf", "reference"],
+                   help="also run HF transformers generate (hf) or tokenmill on the core's reference "
+                        "ops and attention (reference) on the same prompts; repeatable")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
@@ -111,7 +112,10 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     if args._worker:
-        result = _run_tokenmill(args, model) if args._worker == "tokenmill" else _run_hf(args, model)
+        if args._worker == "reference":
+            args.reference_ops = True
+        result = _run_hf(args, model) if args._worker == "hf" else _run_tokenmill(args, model)
+        result["engine"] = {"tokenmill": "tokenmill", "reference": "tm-reference"}.get(args._worker, result["engine"])
         print(json.dumps(result))
         return 0
     argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]

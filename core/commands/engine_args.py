@@ -26,6 +26,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn automatic prefix caching off")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the shared sampling generator")
+    g.add_argument("--reference-ops", action="store_true",
+                   help="use the core's reference ops and attention, ignoring plugins' faster ones")
 
 
 def engine_kwargs(args) -> dict:
@@ -33,4 +35,5 @@ def engine_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed)
+                enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,
+                reference_ops=args.reference_ops)
