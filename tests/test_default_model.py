@@ -102,7 +102,7 @@ def test_loss_on_held_out_code_is_far_below_uniform(model, tokenizer):
         loss = model(input_ids=ids, labels=ids).loss.item()
     uniform = math.log(model.config.vocab_size)
     # Random or noise weights sit at (or above) the uniform loss.
-    assert loss < 0.5 * uniform, (loss, uniform)
+    assert loss < 0.45 * uniform, (loss, uniform)  # the shipped model: ~0.35
 
 
 def test_greedy_completion_is_readable_text(model, tokenizer):
