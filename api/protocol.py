@@ -54,8 +54,14 @@ class _SamplingFields(BaseModel):
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
-        """Raises ValueError (naming the field) for out-of-range values."""
+    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                defaults: dict | None = None) -> SamplingParams:
+        """Raises ValueError (naming the field) for out-of-range values.
+
+        ``defaults`` are the model's sampling defaults (its generation_config.json), used for
+        fields the request leaves out, as vLLM does; then the OpenAI defaults apply.
+        """
+        d = defaults or {}
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             # torch generators take 64-bit seeds; a bigger one would fail inside the engine's step.
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}.")
@@ -65,11 +71,11 @@ class _SamplingFields(BaseModel):
             n=self.n,
             presence_penalty=_or(self.presence_penalty, 0.0),
             frequency_penalty=_or(self.frequency_penalty, 0.0),
-            repetition_penalty=_or(self.repetition_penalty, 1.0),
-            temperature=_or(self.temperature, 1.0),
-            top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, 0),
-            min_p=_or(self.min_p, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, d.get("repetition_penalty", 1.0)),
+            temperature=_or(self.temperature, d.get("temperature", 1.0)),
+            top_p=_or(self.top_p, d.get("top_p", 1.0)),
+            top_k=_or(self.top_k, d.get("top_k", 0)),
+            min_p=_or(self.min_p, d.get("min_p", 0.0)),
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
@@ -112,7 +118,7 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     add_special_tokens: bool = True
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         if self.suffix:
             raise ValueError("suffix is not supported.")
         if self.best_of is not None and self.best_of != self.n:
@@ -123,7 +129,7 @@ class CompletionRequest(_SamplingFields):
         max_tokens = self.max_tokens
         if "max_tokens" not in self.model_fields_set and self.max_completion_tokens is not None:
             max_tokens = self.max_completion_tokens
-        return self._params(max_tokens, self.logprobs, prompt_lp)
+        return self._params(max_tokens, self.logprobs, prompt_lp, defaults)
 
 
 class ChatMessage(BaseModel):
@@ -148,7 +154,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= 20:
                 raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}.")
@@ -156,7 +162,7 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError("top_logprobs requires logprobs to be true.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._params(max_tokens, logprobs, self.prompt_logprobs)
+        return self._params(max_tokens, logprobs, self.prompt_logprobs, defaults)
 
     def conversation(self) -> list[dict]:
         """The messages as plain dicts for the chat template; text parts are joined."""

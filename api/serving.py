@@ -3,6 +3,7 @@ submission to the engine, error mapping, logprobs and usage formatting, SSE fram
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 import uuid
@@ -57,6 +58,17 @@ class Submitted:
         return sum(len(p.token_ids) for _, p in self.prompts.values())
 
 
+def model_sampling_defaults(model_path: str) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json declares (what vLLM applies too)."""
+    try:
+        with open(os.path.join(model_path, "generation_config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: cfg[k] for k in keys if isinstance(cfg.get(k), (int, float)) and not isinstance(cfg.get(k), bool)}
+
+
 class Serving:
     """Per-server state and helpers for the OpenAI endpoints."""
 
@@ -68,6 +80,7 @@ class Serving:
         self.max_model_len = engine.info.max_model_len
         self.vocab_size = engine.info.vocab_size
         self._warned: set[tuple[str, str]] = set()
+        self.sampling_defaults = model_sampling_defaults(model_path)
 
     @property
     def model_name(self) -> str:
@@ -89,7 +102,7 @@ class Serving:
 
     def sampling_params(self, req):
         try:
-            params = req.sampling_params()
+            params = req.sampling_params(self.sampling_defaults)
         except ValueError as exc:
             raise invalid_params(exc, _SAMPLING_FIELDS) from None
         for name in ("logprobs", "prompt_logprobs"):
