@@ -93,6 +93,12 @@ def test_matches_dense_attention(heads, window, block_size):
     torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("head_size", [64, 80, 128])
+def test_model_head_sizes(head_size):
+    out, expect, *_ = _run(4, 2, head_size, None, torch.float32, 16)
+    torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=2e-5)
+
+
 def test_bfloat16_and_odd_head_size():
     out, expect, *_ = _run(4, 2, 24, 9, torch.bfloat16, 16)
     torch.testing.assert_close(out.double(), expect, atol=3e-2, rtol=3e-2)

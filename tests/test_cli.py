@@ -1,0 +1,58 @@
+"""The offline CLI commands as users run them: generate and the benchmarks, on a tiny model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tokenmill.testing.tiny_models import make_tiny_model
+
+
+def tokenmill(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model():
+    return str(make_tiny_model("llama", max_position_embeddings=1024))
+
+
+def test_generate_json(model):
+    out = json.loads(tokenmill("generate", model, "--prompt", "def main(", "--prompt", "import os",
+                               "--max-tokens", "6", "--json").stdout)
+    from tokenmill import LLM, SamplingParams
+
+    want = LLM(model=model).generate(["def main(", "import os"], SamplingParams(max_tokens=6, temperature=0))
+    assert [o["outputs"][0]["token_ids"] for o in out] == [w.outputs[0].token_ids for w in want]
+
+
+def test_generate_rejects_a_missing_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "generate", str(tmp_path / "nope"), "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a local directory" in proc.stderr
+
+
+def test_bench_throughput_side_by_side(model, tmp_path):
+    out = tmp_path / "tp.json"
+    proc = tokenmill("bench", "throughput", model, "--num-prompts", "3", "--min-len", "8", "--max-len", "24",
+                     "--output-len", "4", "--compare", "hf", "--compare", "reference", "--json-out", str(out))
+    results = json.loads(out.read_text())
+    assert [r["engine"] for r in results] == ["tokenmill", "hf-generate", "tm-reference"]
+    assert all(r["output_tokens"] == 12 for r in results)
+    assert len({tuple(r["first_tokens"]) for r in results}) == 1  # same greedy tokens everywhere
+    assert "outside the model forward" in proc.stdout
+
+
+def test_bench_prefix(model, tmp_path):
+    out = tmp_path / "prefix.json"
+    tokenmill("bench", "prefix", model, "--system-len", "64", "--num-questions", "4", "--conversations", "2",
+              "--turns", "2", "--trunks", "1", "--branches", "3", "--output-len", "3", "--json-out", str(out))
+    summary = json.loads(out.read_text())
+    assert [s["workload"] for s in summary] == ["system-prompt", "multi-turn", "branching"]
+    for s in summary:
+        assert s["same_outputs"]
+        assert s["on"]["computed_prompt_tokens"] < s["off"]["computed_prompt_tokens"] == s["off"]["prompt_tokens"]
