@@ -116,12 +116,15 @@ class EngineCore:
             raise ValueError(f"prompt contains token id(s) {bad[:5]} outside the vocabulary (size {self.vocab_size})")
         params.verify_vocab(self.vocab_size)
         room = self.max_model_len - n
-        if params.max_tokens is None:
-            return room
-        if params.max_tokens > room:
+        if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {n} tokens exceeds the model's "
                              f"context (max_model_len) of {self.max_model_len} tokens")
-        return params.max_tokens
+        max_tokens = min(room, self.num_kv_tokens - n) if params.max_tokens is None else params.max_tokens
+        # A sequence that cannot fit the whole pool on its own could never finish, even alone.
+        if -(-(n + max_tokens) // self.kv.block_size) > self.kv.num_blocks:
+            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) needs more than the whole KV "
+                             f"cache ({self.num_kv_tokens} tokens); lower max_tokens or raise kv_cache_memory")
+        return max_tokens
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None = None,
                     arrival: float | None = None) -> None:

@@ -149,3 +149,10 @@ def test_reference_ops_path_matches_the_plugin_path(llm):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in ref.generate(PROMPTS, params)] == \
         [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+
+
+def test_request_larger_than_the_whole_kv_cache_is_refused():
+    llm = LLM(model=str(make_tiny_model("llama")), num_blocks=2, block_size=16)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=40))
+    assert llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=20, ignore_eos=True))[0].outputs[0].finish_reason == "length"
