@@ -119,7 +119,7 @@ class EngineCore:
         if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {n} tokens exceeds the model's "
                              f"context (max_model_len) of {self.max_model_len} tokens")
-        max_tokens = min(room, self.num_kv_tokens - n) if params.max_tokens is None else params.max_tokens
+        max_tokens = max(1, min(room, self.num_kv_tokens - n)) if params.max_tokens is None else params.max_tokens
         # A sequence that cannot fit the whole pool on its own could never finish, even alone.
         if -(-(n + max_tokens) // self.kv.block_size) > self.kv.num_blocks:
             raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) needs more than the whole KV "
