@@ -151,7 +151,13 @@ def _loop(engine, cmd_conn, out_conn) -> None:
         updates = []
         if engine.has_unfinished():
             steps = engine.stats().steps
-            updates = engine.step()
+            try:
+                updates = engine.step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("engine step failed; failing every request in flight")
+                message = f"engine step failed: {type(exc).__name__}: {exc}"
+                events.extend(("rejected", rid, "internal", message) for rid in engine.abort_all())
+                updates = []
             for u in updates:
                 u.new_logprobs = [_wire(lp) for lp in u.new_logprobs]
                 if u.prompt_logprobs is not None:

@@ -147,6 +147,15 @@ class EngineCore:
         self.scheduler.abort(request_id)
         self._seqs.pop(request_id, None)
 
+    def abort_all(self) -> list[str]:
+        """Abort every request (after a failed step); returns their ids. Frees every block they held."""
+        ids = list(self._seqs)
+        for request_id in ids:
+            self.abort(request_id)
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:  # not reachable by id: defensive
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        return ids
+
     def finish_seq(self, request_id: str, index: int, stop_reason: str | None = None) -> None:
         """End one continuation early (a stop string matched in the frontend's detokenizer)."""
         for seq in self._seqs.get(request_id, []):

@@ -156,3 +156,15 @@ def test_request_larger_than_the_whole_kv_cache_is_refused():
     with pytest.raises(ValueError, match="max_tokens"):
         llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=40))
     assert llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=20, ignore_eos=True))[0].outputs[0].finish_reason == "length"
+
+
+def test_abort_all_frees_every_block(llm):
+    eng = llm.engine
+    for i in range(3):
+        eng.add_request(f"all-{i}", [1, 5, 6, 7, 8] * 8, SamplingParams(max_tokens=30, n=2, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.kv.num_used_blocks > 0
+    assert sorted(eng.abort_all()) == ["all-0", "all-1", "all-2"]
+    assert eng.kv.num_used_blocks == 0 and not eng.has_unfinished()
+    eng.kv.check_invariants()
