@@ -53,13 +53,13 @@ def _build_plan(meta: AttentionMetadata) -> _Plan:
     return _Plan(decode_seqs, decode_rows, decode_blocks, prefills, bs)
 
 
-def _gqa_attention(q, k, v, mask, scale):
+def gqa_attention(q, k, v, mask, scale):
     """``q``: [B, Lq, H, D]; ``k``, ``v``: [B, Lk, Hk, D]; ``mask``: bool [B, Lq, Lk] -> [B, Lq, H, D]."""
     b, lq, h, d = q.shape
     hk = k.shape[2]
     g = h // hk
     # Query head h reads KV head h // g: put each group's g heads along the query axis.
-    qg = q.view(b, lq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * lq, d)
+    qg = q.reshape(b, lq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * lq, d)
     m = mask[:, None, None, :, :].expand(b, 1, g, lq, mask.shape[-1]).reshape(b, 1, g * lq, -1)
     out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
     return out.view(b, hk, g, lq, d).permute(0, 3, 1, 2, 4).reshape(b, lq, h, d)
@@ -123,7 +123,7 @@ class ReferenceAttention(AttentionBackend):
                 lens = torch.tensor([meta.seq_lens_cpu[i] for i in plan.decode_seqs], device=q.device)
                 self._mask(plan, key, (lens - 1)[:, None], nb * bs, lens, q.device)
             qd = q.index_select(0, plan.decode_rows)[:, None]
-            out[plan.decode_rows] = _gqa_attention(qd, kd, vd, plan.masks[key], self.scale)[:, 0]
+            out[plan.decode_rows] = gqa_attention(qd, kd, vd, plan.masks[key], self.scale)[:, 0]
         for seq, lo, hi, slen in plan.prefills:
             nb = -(-slen // bs)
             blocks = meta.block_tables[seq, :nb].to(torch.long)
@@ -133,5 +133,5 @@ class ReferenceAttention(AttentionBackend):
             if key not in plan.masks:
                 q_pos = torch.arange(slen - (hi - lo), slen, device=q.device)[None, :]
                 self._mask(plan, key, q_pos, slen, torch.tensor([slen], device=q.device), q.device)
-            out[lo:hi] = _gqa_attention(q[lo:hi][None], kp, vp, plan.masks[key], self.scale)[0]
+            out[lo:hi] = gqa_attention(q[lo:hi][None], kp, vp, plan.masks[key], self.scale)[0]
         return out.view(num_tokens, -1)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.interface import AttentionBackend, AttentionMetadata
+from tokenmill.attention.reference import gqa_attention
 
 from tokenmill_cpu import native
 from tokenmill_cpu.threads import configure_threads
@@ -80,11 +81,7 @@ def _sdpa_gqa(q, k, v, mask, scale, is_causal=False):
                                              attn_mask=None if mask is None else mask[:, None],
                                              is_causal=is_causal, scale=scale, enable_gqa=g > 1)
         return out.transpose(1, 2)
-    # One KV head serves g query heads: fold them into the query axis so K/V are not repeated.
-    qg = q.reshape(b, lq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * lq, d)
-    m = mask[:, None, None].expand(b, 1, g, lq, mask.shape[-1]).reshape(b, 1, g * lq, -1)
-    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
-    return out.view(b, hk, g, lq, d).permute(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+    return gqa_attention(q, k, v, mask, scale)
 
 
 class CpuAttention(AttentionBackend):
