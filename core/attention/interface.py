@@ -48,6 +48,23 @@ class AttentionMetadata:
     #: Free-form per-backend state built once per step by ``AttentionBackend.prepare``.
     extra: Any = None
 
+    def split_decodes(self) -> tuple[list[int], list[int], list[tuple[int, int, int, int]]]:
+        """Sort the batch for planning: ``(decode_seqs, decode_rows, prefills)``.
+
+        ``decode_seqs`` are the sequences with one new token and ``decode_rows`` that token's
+        row; ``prefills`` holds ``(seq, first_row, last_row + 1, seq_len)`` for the others.
+        """
+        decode_seqs, decode_rows, prefills = [], [], []
+        row = 0
+        for i, (qlen, slen) in enumerate(zip(self.query_lens_cpu, self.seq_lens_cpu)):
+            if qlen == 1:
+                decode_seqs.append(i)
+                decode_rows.append(row)
+            elif qlen > 1:
+                prefills.append((i, row, row + qlen, slen))
+            row += qlen
+        return decode_seqs, decode_rows, prefills
+
 
 @dataclass(frozen=True)
 class AttentionSpec:

@@ -30,15 +30,7 @@ class _Plan:
 
 def _build_plan(meta: AttentionMetadata) -> _Plan:
     bs = meta.block_size
-    decode_seqs, decode_starts, prefills = [], [], []
-    start = 0
-    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if qlen == 1:
-            decode_seqs.append(i)
-            decode_starts.append(start)
-        elif qlen > 1:
-            prefills.append((i, start, start + qlen, slen))
-        start += qlen
+    decode_seqs, decode_starts, prefills = meta.split_decodes()
     device = meta.block_tables.device
     decode_rows = decode_blocks = None
     if decode_seqs:

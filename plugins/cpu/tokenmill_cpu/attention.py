@@ -48,15 +48,7 @@ def _plan(meta: AttentionMetadata) -> _Plan:
     if not bool(valid.all()):
         write_rows = valid.nonzero().flatten()
         slots = slots[write_rows]
-    decode_seqs, decode_rows, prefills = [], [], []
-    row = 0
-    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if qlen == 1:
-            decode_seqs.append(i)
-            decode_rows.append(row)
-        elif qlen > 1:
-            prefills.append((i, row, row + qlen, slen))
-        row += qlen
+    decode_seqs, decode_rows, prefills = meta.split_decodes()
     d_rows = d_lens = d_tables = None
     if decode_seqs:
         idx = torch.tensor(decode_seqs, dtype=torch.long)
