@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tokenmill.api.async_engine import RequestRejected
 from tokenmill.api.errors import bad_request
 from tokenmill.api.protocol import ChatCompletionRequest
-from tokenmill.api.serving import SSE_DONE, Serving, Submitted, engine_error, sse, usage
-from tokenmill.core_process import CoreDead
+from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 from tokenmill.tokenizer import render_chat
 
 
@@ -43,7 +41,7 @@ async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
     sub = srv.submit("chatcmpl", [(text, ids)], params, req.stream, req.cache_salt)
     if req.stream:
         await srv.accepted(sub)
-        return StreamingResponse(_stream(srv, req, sub, _echo(req, conversation)), media_type="text/event-stream")
+        return StreamingResponse(event_stream(srv, sub, _stream(srv, req, sub, _echo(req, conversation))), media_type="text/event-stream")
     finals = await srv.final_outputs(sub)
     return JSONResponse(_response(srv, req, sub, finals, _echo(req, conversation)))
 
@@ -82,29 +80,21 @@ async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo
             c["usage"] = usage(sub.prompt_tokens, sum(counts))
         return sse(c)
 
-    try:
-        # The role comes first, as OpenAI sends it (with the echoed text, if any).
-        for i in range(req.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
-                          "finish_reason": None}])
-        async for out in srv.engine.results(sub.group):
-            for c in out.outputs:
-                if c.index in finished or not (c.text or c.token_ids or c.finish_reason):
-                    continue
-                counts[c.index] += len(c.token_ids)
-                delta = {"content": c.text} if c.text or c.finish_reason is None else {}
-                choice = {"index": c.index, "delta": delta, "logprobs": _logprobs(srv, req, c),
-                          "finish_reason": c.finish_reason}
-                if c.finish_reason is not None:
-                    choice["stop_reason"] = c.stop_reason
-                    finished.add(c.index)
-                yield chunk([choice])
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts))})
-        yield SSE_DONE
-    except (RequestRejected, CoreDead) as exc:
-        yield engine_error(exc).sse()
-        yield SSE_DONE
-    finally:
-        if not sub.group.done:
-            srv.engine.abort(sub.group)
+    # The role comes first, as OpenAI sends it (with the echoed text, if any).
+    for i in range(req.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
+                      "finish_reason": None}])
+    async for out in srv.engine.results(sub.group):
+        for c in out.outputs:
+            if c.index in finished or not (c.text or c.token_ids or c.finish_reason):
+                continue
+            counts[c.index] += len(c.token_ids)
+            delta = {"content": c.text} if c.text or c.finish_reason is None else {}
+            choice = {"index": c.index, "delta": delta, "logprobs": _logprobs(srv, req, c),
+                      "finish_reason": c.finish_reason}
+            if c.finish_reason is not None:
+                choice["stop_reason"] = c.stop_reason
+                finished.add(c.index)
+            yield chunk([choice])
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts))})

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tokenmill.api.async_engine import RequestRejected
 from tokenmill.api.errors import bad_request
 from tokenmill.api.protocol import CompletionRequest
-from tokenmill.api.serving import SSE_DONE, Serving, Submitted, engine_error, sse, usage
-from tokenmill.core_process import CoreDead
+from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 
 
 def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -40,7 +38,7 @@ async def create_completion(srv: Serving, req: CompletionRequest):
     sub = srv.submit("cmpl", prompts, params, req.stream, req.cache_salt)
     if req.stream:
         await srv.accepted(sub)
-        return StreamingResponse(_stream(srv, req, sub), media_type="text/event-stream")
+        return StreamingResponse(event_stream(srv, sub, _stream(srv, req, sub)), media_type="text/event-stream")
     finals = await srv.final_outputs(sub)
     return JSONResponse(_response(srv, req, sub, finals))
 
@@ -83,39 +81,31 @@ async def _stream(srv: Serving, req: CompletionRequest, sub: Submitted):
     finished, echoed = set(), set()
     offsets: dict[tuple, int] = {}
     counts: dict[tuple, int] = {}
-    try:
-        async for out in srv.engine.results(sub.group):
-            pi, prompt = sub.prompts[out.request_id]
-            for c in out.outputs:
-                key = (pi, c.index)
-                if key in finished or not (c.text or c.token_ids or c.finish_reason):
-                    continue
-                text, ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
-                choice = {"index": pi * req.n + c.index, "text": text, "logprobs": None,
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                if key not in echoed:  # the first chunk of this choice carries the prompt's part
-                    echoed.add(key)
-                    if req.echo:
-                        choice["text"] = _echo_text(srv, prompt.text, prompt.token_ids) + text
-                        ids = prompt.token_ids + ids
-                        positions = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
-                    if req.prompt_logprobs is not None:
-                        choice["prompt_logprobs"] = srv.prompt_logprobs(out.prompt_logprobs)
-                if req.logprobs is not None:
-                    choice["logprobs"], offsets[key] = srv.completion_logprobs(ids, positions, offsets.get(key, 0))
-                counts[key] = counts.get(key, 0) + len(c.token_ids)
-                chunk = {**head, "choices": [choice]}
-                if req.continuous_usage:
-                    chunk["usage"] = usage(sub.prompt_tokens, sum(counts.values()))
-                if c.finish_reason is not None:
-                    finished.add(key)
-                yield sse(chunk)
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts.values()))})
-        yield SSE_DONE
-    except (RequestRejected, CoreDead) as exc:
-        yield engine_error(exc).sse()
-        yield SSE_DONE
-    finally:
-        if not sub.group.done:
-            srv.engine.abort(sub.group)
+    async for out in srv.engine.results(sub.group):
+        pi, prompt = sub.prompts[out.request_id]
+        for c in out.outputs:
+            key = (pi, c.index)
+            if key in finished or not (c.text or c.token_ids or c.finish_reason):
+                continue
+            text, ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
+            choice = {"index": pi * req.n + c.index, "text": text, "logprobs": None,
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if key not in echoed:  # the first chunk of this choice carries the prompt's part
+                echoed.add(key)
+                if req.echo:
+                    choice["text"] = _echo_text(srv, prompt.text, prompt.token_ids) + text
+                    ids = prompt.token_ids + ids
+                    positions = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = srv.prompt_logprobs(out.prompt_logprobs)
+            if req.logprobs is not None:
+                choice["logprobs"], offsets[key] = srv.completion_logprobs(ids, positions, offsets.get(key, 0))
+            counts[key] = counts.get(key, 0) + len(c.token_ids)
+            chunk = {**head, "choices": [choice]}
+            if req.continuous_usage:
+                chunk["usage"] = usage(sub.prompt_tokens, sum(counts.values()))
+            if c.finish_reason is not None:
+                finished.add(key)
+            yield sse(chunk)
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts.values()))})

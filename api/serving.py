@@ -222,6 +222,24 @@ class Serving:
         return content
 
 
+async def event_stream(srv: "Serving", sub: "Submitted", events):
+    """Frame a streaming response: the endpoint's SSE ``events``, then ``[DONE]``.
+
+    An engine failure mid-stream becomes an error event (then ``[DONE]``); a client that
+    leaves early, or any other way out, aborts the request so its blocks are freed.
+    """
+    try:
+        async for event in events:
+            yield event
+        yield SSE_DONE
+    except (RequestRejected, CoreDead) as exc:
+        yield engine_error(exc).sse()
+        yield SSE_DONE
+    finally:
+        if not sub.group.done:
+            srv.engine.abort(sub.group)
+
+
 def engine_error(exc: Exception) -> APIError:
     """Map an engine-side failure to the HTTP error the client sees."""
     if isinstance(exc, RequestRejected):
