@@ -16,7 +16,7 @@ from tokenmill.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
-from tokenmill.sampler import Sampler, SamplingBatch, _to_python, compute_token_logprobs
+from tokenmill.sampler import Sampler, SamplingBatch, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,5 @@ class ModelRunner:
         if last > start:
             logits = self.model.compute_logits(hidden[: last - start])
             targets = seq.token_ids[start + 1:last + 1]
-            k = seq.params.prompt_logprobs
-            records.extend(_to_python(compute_token_logprobs(logits, targets, k), [k] * len(targets)))
+            records.extend(token_logprobs(logits, targets, seq.params.prompt_logprobs))
         result.prompt_logprobs[seq.seq_id] = records

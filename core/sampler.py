@@ -374,5 +374,11 @@ def compute_prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int
         raise ValueError(f"expected {P} rows of logits for {P} prompt tokens, got {logits.shape[0]}")
     if P < 2:
         return [None] * P
-    lp = compute_token_logprobs(logits[: P - 1], list(prompt_token_ids[1:]), num_top)
-    return [None] + _to_python(lp, [num_top] * (P - 1))
+    return [None] + token_logprobs(logits[: P - 1], list(prompt_token_ids[1:]), num_top)
+
+
+def token_logprobs(logits: torch.Tensor, target_token_ids: Sequence[int], num_top: int) -> list[TokenLogprobs]:
+    """:func:`compute_token_logprobs` as Python records, each with its ``num_top`` best: what a
+    prefill chunk contributes to its prompt's logprobs."""
+    lp = compute_token_logprobs(logits, target_token_ids, num_top)
+    return _to_python(lp, [num_top] * len(target_token_ids))
