@@ -194,7 +194,7 @@ class EngineCore:
                                      if seq.logprobs else [], plp,
                                      seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
                                      seq.num_cached_tokens))
-            if seq.pending_forks == 0 and seq.request_id in self._seqs and seq not in self._seqs[seq.request_id]:
+            if seq.seq_id not in lengths:  # a child forked this step: the request now owns it too
                 self._seqs[seq.request_id].append(seq)
         for request_id in {u.request_id for u in updates}:
             self._forget_if_done(request_id)
