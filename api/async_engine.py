@@ -1,6 +1,6 @@
 """The API process's view of the engine: submit requests, await their outputs.
 
-The engine core runs in its own process (:class:`tokenmill.core_process.CoreClient`).
+The engine core runs in its own process (:class:`tokenmill.engine.core_process.CoreClient`).
 A reader thread receives its update batches and hands them to the event loop, where the
 :class:`~tokenmill.output_processor.OutputProcessor` detokenizes them and the outputs are
 dispatched to per-request asyncio queues. Stop strings found here are sent back to the
@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tokenmill.core_process import CoreClient, CoreDead
+from tokenmill.engine.core_process import CoreClient, CoreDead
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 
@@ -151,7 +151,7 @@ class AsyncEngine:
             group.accepted.cancel()
 
     async def stats(self, timeout: float = 5.0):
-        """The core's :class:`~tokenmill.engine_core.EngineStats` (a fresh snapshot)."""
+        """The core's :class:`~tokenmill.engine.engine_core.EngineStats` (a fresh snapshot)."""
         if not self.healthy:
             raise CoreDead(self.dead or "the engine core process is not running")
         token = next(self._tokens)

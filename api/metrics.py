@@ -21,7 +21,7 @@ _E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 
 
 class _EngineCollector:
-    """Exposes the most recent :class:`~tokenmill.engine_core.EngineStats`."""
+    """Exposes the most recent :class:`~tokenmill.engine.engine_core.EngineStats`."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name

@@ -13,7 +13,7 @@ def run_server(args) -> int:
     an engine core that fails to start is reported and gives exit code 1."""
     from tokenmill.commands.engine_args import engine_kwargs
     from tokenmill.config import EngineConfig
-    from tokenmill.core_process import CoreClient, CoreStartupError
+    from tokenmill.engine.core_process import CoreClient, CoreStartupError
     from tokenmill.default_model import DEFAULT_MODEL_NAME, resolve_model
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),

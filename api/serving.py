@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tokenmill.api.async_engine import AsyncEngine, PromptInput, RequestGroup, RequestRejected
 from tokenmill.api.errors import APIError, bad_request, invalid_params
-from tokenmill.core_process import CoreDead
+from tokenmill.engine.core_process import CoreDead
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ The reference is the core's reference ops and attention in float32 on the CPU, d
 loop with only the plugin's own kernels (the reference filling in the other ops) and
 its best attention backend for the model, on its device (or on CPU tensors under the
 interpreter). Prompts are prefilled in chunks mixed with other sequences' decodes.
-When the platform is available, the real engine (:class:`tokenmill.engine_core.EngineCore`,
+When the platform is available, the real engine (:class:`tokenmill.engine.engine_core.EngineCore`,
 scheduler and all) runs the same prompts on it too.
 
 The tiny models are random-weight checkpoints built locally and cached on disk
@@ -113,7 +113,7 @@ def simple_runner_check(target, platform_name: str, arch: str, device, dtype_nam
 
 def engine_check(target, platform_name: str, arch: str, dtype_name: str) -> str:
     from tokenmill.config import EngineConfig
-    from tokenmill.engine_core import EngineCore
+    from tokenmill.engine.engine_core import EngineCore
     from tokenmill.models.loader import load_config
     from tokenmill.sampling_params import SamplingParams
     from tokenmill.testing.tiny_models import make_tiny_model

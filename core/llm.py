@@ -7,7 +7,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine_core import EngineCore
+from tokenmill.engine.engine_core import EngineCore
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.detokenizer import OutputText
-from tokenmill.engine_core import SeqUpdate
+from tokenmill.engine.engine_core import SeqUpdate
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from tokenmill.batch import TokenLogprobs  # noqa: F401 - the record type the runner returns
+from tokenmill.engine.batch import TokenLogprobs  # noqa: F401 - the record type the runner returns
 from tokenmill.sampling_params import SamplingParams
 
 

@@ -20,7 +20,7 @@ CORE = ROOT / "core"
 #: import-name prefix -> source folder, as the root pyproject's package-dir maps them (longest first)
 PACKAGE_DIRS = {"tokenmill.api": ROOT / "api", "tokenmill.conformance": ROOT / "conformance", "tokenmill": CORE}
 PLUGINS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists())
-BOOKKEEPING = sorted({*CORE.glob("scheduler.py"), *CORE.glob("kv/*.py"), *CORE.glob("sequence.py"),
+BOOKKEEPING = sorted({*CORE.glob("engine/scheduler.py"), *CORE.glob("kv/*.py"), *CORE.glob("engine/sequence.py"),
                       *CORE.glob("request.py"), *CORE.glob("block_table.py")})
 
 
@@ -156,7 +156,7 @@ def test_bookkeeping_imports_no_torch_at_run_time():
 
 def test_closure_resolver_sees_through_packages():
     # a sanity check of the checker itself: the scheduler reaches the KV manager through tokenmill.kv
-    chains = tokenmill_closure(CORE / "scheduler.py")
+    chains = tokenmill_closure(CORE / "engine" / "scheduler.py")
     assert "tokenmill" in chains and "tokenmill.kv" in chains and "tokenmill.kv.manager" in chains
 
 

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from tokenmill.batch import RunnerOutput
+from tokenmill.engine.batch import RunnerOutput
 from tokenmill.config import SchedulerConfig
 from tokenmill.kv.manager import KVCacheManager
-from tokenmill.scheduler import Scheduler
-from tokenmill.sequence import FinishReason, Sequence
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import FinishReason, Sequence
 
 
 class Params:

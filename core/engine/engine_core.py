@@ -2,7 +2,7 @@
 
 It knows nothing of text. Each :meth:`EngineCore.step` schedules, executes and applies the
 results, and returns a :class:`SeqUpdate` per sequence that produced tokens or finished.
-Under the server it runs in its own process (:mod:`tokenmill.core_process`); offline,
+Under the server it runs in its own process (:mod:`tokenmill.engine.core_process`); offline,
 :class:`tokenmill.llm.LLM` calls it directly.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from tokenmill.config import EngineConfig
 from tokenmill.kv.manager import KVCacheManager
-from tokenmill.scheduler import Scheduler
-from tokenmill.sequence import FinishReason, Sequence
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, plugin_manager=None):
         from transformers import AutoConfig
 
-        from tokenmill.model_runner import ModelRunner
+        from tokenmill.engine.model_runner import ModelRunner
         from tokenmill.plugins import get_plugin_manager
 
         self.config = config

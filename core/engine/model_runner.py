@@ -12,7 +12,7 @@ import time
 import torch
 
 from tokenmill.attention.interface import AttentionMetadata, AttentionSpec
-from tokenmill.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
+from tokenmill.engine.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype

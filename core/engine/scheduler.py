@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections import deque
 
-from tokenmill.batch import RunnerOutput, ScheduledSeq, SchedulerOutput
+from tokenmill.engine.batch import RunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.config import SchedulerConfig
 from tokenmill.kv.manager import KVCacheManager
-from tokenmill.sequence import FinishReason, Sequence, SeqStatus
+from tokenmill.engine.sequence import FinishReason, Sequence, SeqStatus
 
 
 class Scheduler:

@@ -1,6 +1,6 @@
 """The engine core in its own process, and the client the server talks to it with.
 
-Under ``tokenmill serve`` the :class:`~tokenmill.engine_core.EngineCore` (scheduler and
+Under ``tokenmill serve`` the :class:`~tokenmill.engine.engine_core.EngineCore` (scheduler and
 model runner) runs in a child process started with the ``spawn`` context, so HTTP,
 tokenization and detokenization in the API process never steal time from the step loop.
 The two talk over two one-way ``multiprocessing`` pipes.
@@ -83,7 +83,7 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        from tokenmill.engine_core import EngineCore
+        from tokenmill.engine.engine_core import EngineCore
 
         engine = EngineCore(config)
         info = CoreInfo(os.getpid(), engine.platform.name, engine.max_model_len, engine.vocab_size,
@@ -113,7 +113,7 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
 
 
 def _loop(engine, cmd_conn, out_conn) -> None:
-    from tokenmill.engine_core import QueueFull
+    from tokenmill.engine.engine_core import QueueFull
 
     def handle(cmd, events) -> bool:
         kind = cmd[0]

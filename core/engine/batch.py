@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenmill.sequence import Sequence
+from tokenmill.engine.sequence import Sequence
 
 
 @dataclass
