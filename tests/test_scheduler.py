@@ -23,7 +23,30 @@ class Params:
 
 
 def make_seq(rid, prompt_len, max_tokens=4, **kw):
-    return Sequence(str(rid), list(range(1, prompt_len + 1)), prompt_len, Params(**kw), max_tokens, eos_token_id=0)
+    seq = Sequence(str(rid), list(range(1, prompt_len + 1)), prompt_len, Params(**kw), max_tokens, eos_token_id=0)
+    _ALL[seq.seq_id] = seq
+    return seq
+
+
+_ALL: dict[int, Sequence] = {}
+
+
+@pytest.fixture(autouse=True)
+def _register_children(monkeypatch):
+    """Children forked by the scheduler join the test's registry too."""
+    fork = Sequence.fork
+
+    def registered(self, *args, **kw):
+        child = fork(self, *args, **kw)
+        _ALL[child.seq_id] = child
+        return child
+
+    monkeypatch.setattr(Sequence, "fork", registered)
+
+
+def seq_of(item) -> Sequence:
+    """The test's own Sequence behind a step entry (the step message carries only ids)."""
+    return _ALL[item.seq_id]
 
 
 def fake_runner(plan, next_token=lambda seq: 7):
@@ -31,7 +54,7 @@ def fake_runner(plan, next_token=lambda seq: 7):
     out = RunnerOutput()
     for item in plan.seqs:
         if item.sample:
-            out.sampled[item.seq.seq_id] = [next_token(item.seq)] * item.num_samples
+            out.sampled[item.seq_id] = [next_token(seq_of(item))] * item.num_samples
     return out
 
 
@@ -75,7 +98,7 @@ def test_prefill_and_decode_mixed_in_one_step():
     sched.update(p := sched.schedule(), fake_runner(p))  # a prefilled
     sched.add(b)
     plan = sched.schedule()
-    kinds = {item.seq.request_id: item.num_new for item in plan.seqs}
+    kinds = {seq_of(item).request_id: item.num_new for item in plan.seqs}
     assert kinds == {"a": 1, "b": 7}  # a decodes, b takes the rest of the budget as a chunk
     assert plan.num_tokens == 8
 

@@ -1,46 +1,76 @@
 """The two typed objects of a step: what the scheduler sends the model runner, and what comes back.
 
-No torch here: ids, counts and plain lists.
+No torch and no engine state here: ids, counts and plain lists, so a step message pickles
+small and the same one can go to several ranks. The model runner keeps a persistent state
+per sequence (its token ids, block table, sampling parameters, generator), keyed by
+``seq_id``: a sequence's parameters and tokens travel once, in a :class:`NewSeq`, when it
+first runs (or runs again after a preemption); after that each step sends only counts and
+block-table changes, and the runner appends the tokens it samples to its own copy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from tokenmill.engine.sequence import Sequence
+
+@dataclass
+class NewSeq:
+    """A sequence the runner does not hold yet (first run, or rerun after a preemption).
+
+    ``token_ids`` is everything known so far (the prompt, and after a preemption the output
+    too); ``params`` the request's SamplingParams (a plain picklable dataclass). A resent
+    sequence replaces the runner's copy but keeps its seeded generator.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: Any
+    eos_token_id: int | None = None
 
 
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step: compute ``num_new`` tokens from position ``start``.
 
-    ``sample`` is true when this chunk reaches the end of the known tokens, so the next
-    token is sampled; ``num_samples`` > 1 when the sequence is about to fork (n > 1).
-    ``prompt_logprobs`` asks the runner for the logprobs of the prompt tokens this chunk covers.
+    The block table changes as ``table[blocks_from:] = new_blocks`` (an append, a
+    copy-on-write replacement, or the whole table for a new sequence); most decode steps
+    send none. ``sample`` is true when this chunk reaches the end of the known tokens, so the
+    next token is sampled; ``num_samples`` > 1 when the sequence forks (n > 1), and then
+    ``child_seq_ids`` names the children the runner creates from samples 1.. (each starts as
+    a copy of this sequence's tokens and table, plus its own sample). ``prompt_logprobs``
+    asks for the logprobs of the prompt tokens this chunk covers.
     """
 
-    seq: Sequence
+    seq_id: int
     start: int
     num_new: int
-    block_table: list[int]
     sample: bool
     num_samples: int = 1
     prompt_logprobs: bool = False
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start: self.start + self.num_new]
+    blocks_from: int = 0
+    new_blocks: list[int] = field(default_factory=list)
+    child_seq_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
 class SchedulerOutput:
-    """The scheduler's decision for one step (the one object the model runner receives)."""
+    """The scheduler's decision for one step (the one object the model runner receives).
+
+    ``new_seqs`` come first: the runner registers them before it reads ``seqs``.
+    ``finished`` lists the sequences that ended since the last step (the runner drops
+    their state); ``block_copies`` run before the forward.
+    """
 
     seqs: list[ScheduledSeq]
     num_tokens: int
+    new_seqs: list[NewSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    #: ``(request_id, index)`` of sequences finished since the last step (the runner drops their state).
-    finished: list[tuple[str, int]] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
     num_preempted: int = 0
+    step_id: int = 0
 
     @property
     def is_empty(self) -> bool:

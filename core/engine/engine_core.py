@@ -165,7 +165,7 @@ class EngineCore:
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self._seqs.get(request_id)
-        if seqs and all(s.is_finished for s in seqs) and not any(s.pending_forks for s in seqs):
+        if seqs and all(s.is_finished for s in seqs) and not any(s.pending_forks or s.forking for s in seqs):
             del self._seqs[request_id]
 
     def has_unfinished(self) -> bool:
@@ -176,16 +176,14 @@ class EngineCore:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            if plan.finished:
+                self.runner.execute(plan)  # the runner drops the finished sequences' state
             return []
         result = self.runner.execute(plan)
-        self._stats.prompt_tokens_computed += sum(
-            max(0, min(item.start + item.num_new, item.seq.num_prompt_tokens) - item.start) for item in plan.seqs)
-        lengths = {item.seq.seq_id: item.seq.num_tokens for item in plan.seqs}
         touched = self.scheduler.update(plan, result)
         updates = []
-        for seq in touched:
-            # children forked this step were not in the plan: all their output is new
-            new = seq.token_ids[lengths.get(seq.seq_id, seq.num_prompt_tokens):]
+        for seq, first_new, forked in touched:
+            new = seq.token_ids[first_new:]
             plp = result.prompt_logprobs.get(seq.seq_id)
             if not new and not seq.is_finished and plp is None:
                 continue
@@ -194,7 +192,7 @@ class EngineCore:
                                      if seq.logprobs else [], plp,
                                      seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
                                      seq.num_cached_tokens))
-            if seq.seq_id not in lengths:  # a child forked this step: the request now owns it too
+            if forked:  # a child forked this step: the request now owns it too
                 self._seqs[seq.request_id].append(seq)
         for request_id in {u.request_id for u in updates}:
             self._forget_if_done(request_id)
@@ -212,6 +210,7 @@ class EngineCore:
         s.prefix_queries_tokens = self.kv.stats.queries_tokens
         s.prefix_hit_tokens = self.kv.stats.hit_tokens
         s.num_preemptions = self.scheduler.num_preemptions
+        s.prompt_tokens_computed = self.scheduler.num_prompt_tokens_computed
         return s
 
 

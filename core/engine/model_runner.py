@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,7 +67,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
-        self._generators: dict[int, torch.Generator] = {}
+        self._states: dict[int, _SeqState] = {}
         self.kv_caches: list[torch.Tensor] = []
 
     # -- KV cache ------------------------------------------------------------------------------
@@ -89,8 +90,28 @@ class ModelRunner:
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
         self.kv_caches = [self.platform.allocate(shape, self.dtype) for _ in range(self.num_layers)]
 
+    # -- the persistent batch -------------------------------------------------------------------
+    def _apply_plan_state(self, out: SchedulerOutput) -> None:
+        """Drop finished sequences, register new ones, apply block-table changes."""
+        for seq_id in out.finished:
+            self._states.pop(seq_id, None)
+        for ns in out.new_seqs:
+            old = self._states.get(ns.seq_id)
+            self._states[ns.seq_id] = _SeqState(ns.request_id, ns.index, list(ns.token_ids), ns.num_prompt_tokens,
+                                                ns.params, ns.eos_token_id, [], old.generator if old else None)
+        for item in out.seqs:
+            table = self._states[item.seq_id].block_table
+            if item.new_blocks or item.blocks_from < len(table):
+                del table[item.blocks_from:]
+                table.extend(item.new_blocks)
+
+    @property
+    def num_seq_states(self) -> int:
+        """Sequences whose state the runner holds (for tests and debugging)."""
+        return len(self._states)
+
     # -- one step ------------------------------------------------------------------------------
-    def _build(self, out: SchedulerOutput):
+    def _build(self, out: SchedulerOutput, states: list["_SeqState"]):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -98,14 +119,14 @@ class ModelRunner:
         qsl = [0]
         seq_lens = []
         query_lens = []
-        max_blocks = max(len(s.block_table) for s in out.seqs)
+        max_blocks = max(len(st.block_table) for st in states)
         tables = []
-        for item in out.seqs:
+        for item, st in zip(out.seqs, states):
             start, n = item.start, item.num_new
-            input_ids.extend(item.seq.token_ids[start:start + n])
+            input_ids.extend(st.token_ids[start:start + n])
             pos = range(start, start + n)
             positions.extend(pos)
-            table = item.block_table
+            table = st.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
@@ -125,75 +146,99 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta, qsl
 
-    def _generator(self, seq, index: int) -> torch.Generator | None:
-        """The seeded generator of continuation ``index`` of ``seq``'s request (seed + index, as vLLM)."""
-        seed = seq.params.seed
+    def _generator(self, st: "_SeqState", index: int) -> torch.Generator | None:
+        """The seeded generator of continuation ``index`` (seed + index, as vLLM); kept in the state."""
+        seed = st.params.seed
         if seed is None:
             return None
-        key = (seq.request_id, index)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed((seed + index) & 0xFFFF_FFFF_FFFF_FFFF)
-            self._generators[key] = gen
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed((seed + index) & 0xFFFF_FFFF_FFFF_FFFF)
         return gen
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        for key in out.finished:
-            self._generators.pop(key, None)
+        self._apply_plan_state(out)
         result = RunnerOutput()
         if out.is_empty:
             return result
+        states = [self._states[item.seq_id] for item in out.seqs]
         self.backend.copy_blocks(self.kv_caches, out.block_copies)
-        ids, positions, meta, qsl = self._build(out)
+        ids, positions, meta, qsl = self._build(out, states)
         t0 = time.perf_counter()
         hidden = self.model.forward(ids, positions, self.kv_caches, meta)
 
         sample_rows, sample_items, prompt_items = [], [], []
-        for i, item in enumerate(out.seqs):
+        for i, (item, st) in enumerate(zip(out.seqs, states)):
             if item.prompt_logprobs:
-                prompt_items.append((i, item))
+                prompt_items.append((i, item, st))
             if item.sample:
                 sample_rows.extend([qsl[i + 1] - 1] * item.num_samples)
-                sample_items.append(item)
+                sample_items.append((item, st))
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows])
             self._sample(logits, sample_items, result)
-        for i, item in prompt_items:
-            self._prompt_logprobs(hidden[qsl[i]:qsl[i + 1]], item, result)
+        for i, item, st in prompt_items:
+            self._prompt_logprobs(hidden[qsl[i]:qsl[i + 1]], item, st, result)
         self.platform.synchronize()
         result.forward_seconds = time.perf_counter() - t0
         return result
 
     def _sample(self, logits: torch.Tensor, items, result: RunnerOutput) -> None:
         rows = []
-        for item in items:
-            seq = item.seq
-            for k in range(item.num_samples):  # k > 0: the child that forks from this sample
-                rows.append((seq.params, seq.output_token_ids, seq.prompt_token_ids,
-                             self._generator(seq, seq.index + k), seq.num_output_tokens, seq.eos_token_id))
+        for item, st in items:
+            if st.generator is None and st.params.seed is not None:
+                st.generator = self._generator(st, st.index)
+            history = st.params.repetition_penalty != 1.0 or st.params.presence_penalty != 0.0 \
+                or st.params.frequency_penalty != 0.0
+            out_ids = st.token_ids[st.num_prompt_tokens:] if history else ()
+            prompt_ids = st.token_ids[:st.num_prompt_tokens] if history else ()
+            num_generated = len(st.token_ids) - st.num_prompt_tokens
+            rows.append((st.params, out_ids, prompt_ids, st.generator, num_generated, st.eos_token_id))
+            # samples 1..: the children that fork from this one, each with its own generator
+            st.child_generators = [self._generator(st, st.index + k) for k in range(1, item.num_samples)]
+            rows.extend((st.params, out_ids, prompt_ids, g, num_generated, st.eos_token_id)
+                        for g in st.child_generators)
         batch = SamplingBatch.build(rows, vocab_size=logits.shape[-1], device=logits.device)
         sout = self.sampler(logits, batch)
         tokens = sout.token_ids()
         lps = sout.row_logprobs()
         row = 0
-        for item in items:
-            seq = item.seq
+        for item, st in items:
             n = item.num_samples
-            result.sampled[seq.seq_id] = tokens[row:row + n]
-            if seq.params.logprobs is not None:
-                result.logprobs[seq.seq_id] = lps[row:row + n]
+            result.sampled[item.seq_id] = toks = tokens[row:row + n]
+            if st.params.logprobs is not None:
+                result.logprobs[item.seq_id] = lps[row:row + n]
             row += n
+            for k, (child_id, gen) in enumerate(zip(item.child_seq_ids, st.child_generators), start=1):
+                self._states[child_id] = _SeqState(st.request_id, st.index + k, st.token_ids + [toks[k]],
+                                                   st.num_prompt_tokens, st.params, st.eos_token_id,
+                                                   list(st.block_table), gen)
+            st.child_generators = []
+            st.token_ids.append(toks[0])
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, item, result: RunnerOutput) -> None:
-        seq = item.seq
+    def _prompt_logprobs(self, hidden: torch.Tensor, item, st: "_SeqState", result: RunnerOutput) -> None:
         start, n = item.start, item.num_new
         # row p predicts token p+1; only positions inside the prompt count
-        last = min(start + n, seq.num_prompt_tokens - 1)
+        last = min(start + n, st.num_prompt_tokens - 1)
         records: list[TokenLogprobs | None] = [None] if start == 0 else []
         if last > start:
             logits = self.model.compute_logits(hidden[: last - start])
-            targets = seq.token_ids[start + 1:last + 1]
-            records.extend(token_logprobs(logits, targets, seq.params.prompt_logprobs))
-        result.prompt_logprobs[seq.seq_id] = records
+            targets = st.token_ids[start + 1:last + 1]
+            records.extend(token_logprobs(logits, targets, st.params.prompt_logprobs))
+        result.prompt_logprobs[item.seq_id] = records
+
+
+@dataclass(eq=False)
+class _SeqState:
+    """The runner's copy of one sequence: its tokens (the runner appends what it samples), block
+    table and sampling parameters, kept across steps so each step message carries only changes."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: object
+    eos_token_id: int | None
+    block_table: list[int]
+    generator: torch.Generator | None = None
+    child_generators: list = field(default_factory=list)

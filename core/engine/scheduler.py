@@ -6,15 +6,28 @@ then admits waiting sequences while the token budget, ``max_num_seqs`` and the K
 allow. When the pool runs dry for a running sequence, the newest running sequence is
 preempted: its blocks are freed and it goes back to the head of the waiting queue to be
 recomputed later. Works on ids and counts only; never imports torch.
+
+A step's counts advance when it is scheduled (``num_scheduled``, ``num_pending``) and its
+results land when :meth:`Scheduler.update` applies them (``num_computed``, ``token_ids``), so
+the next step can be scheduled while one runs (overlap): a sequence whose token is still
+being sampled decodes that token next, and the runner fills it in from its own sample.
 """
 from __future__ import annotations
 
 from collections import deque
 
-from tokenmill.engine.batch import RunnerOutput, ScheduledSeq, SchedulerOutput
+from tokenmill.engine.batch import NewSeq, RunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.config import SchedulerConfig
 from tokenmill.kv.manager import KVCacheManager
-from tokenmill.engine.sequence import FinishReason, Sequence, SeqStatus
+from tokenmill.engine.sequence import FinishReason, Sequence, SeqStatus, new_seq_id
+
+
+def _first_change(table: list[int], sent: list[int]) -> int:
+    """Index of the first block where ``table`` differs from what the runner holds (``sent``)."""
+    n = min(len(table), len(sent))
+    if table[:n] == sent[:n]:
+        return n
+    return next(i for i in range(n) if table[i] != sent[i])
 
 
 class Scheduler:
@@ -26,12 +39,17 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._finished: list[tuple[str, int]] = []
+        self._live: dict[int, Sequence] = {}
+        self._fork_tables: dict[int, list[int]] = {}
+        self._finished: list[int] = []
         self.num_preemptions = 0
+        #: Prompt tokens handed to the model (the rest came from the prefix cache).
+        self.num_prompt_tokens_computed = 0
 
     # -- queue management --------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._live[seq.seq_id] = seq
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -57,14 +75,26 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
-        self._finished.append((seq.request_id, seq.index))
+        self._live.pop(seq.seq_id, None)
+        if seq.in_runner:
+            self._finished.append(seq.seq_id)
+        self._finished.extend(seq.forking)  # children the runner made from a sample now dropped
+        seq.forking = []
+        self._fork_tables.pop(seq.seq_id, None)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_scheduled = seq.num_pending = 0
         seq.prefix_matched = False
         seq.status = SeqStatus.WAITING
+        seq.in_runner = False  # sent again in full when it runs again; the runner keeps its generator
+        seq.runner_blocks = []
+        if seq.forking:  # the forking sample is discarded: fork again from the next one
+            self._finished.extend(seq.forking)
+            seq.pending_forks += len(seq.forking)
+            seq.forking = []
+            self._fork_tables.pop(seq.seq_id, None)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -73,15 +103,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
+        new_seqs: list[NewSeq] = []
         copies: list[tuple[int, int]] = []
+        prompt_starts: list[tuple[Sequence, int]] = []
         preempted = 0
 
-        queue = list(self.running)
+        queue = [s for s in self.running if not self._done_when_pending_lands(s)]
         while queue and budget > 0:
             seq = queue.pop(0)
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = min(seq.num_tokens + seq.num_pending - seq.num_scheduled, budget)
+            if num_new <= 0:
+                continue
             while True:
-                got = self.kv.allocate(seq.seq_id, seq.num_computed, num_new)
+                got = self.kv.allocate(seq.seq_id, seq.num_scheduled, num_new)
                 if got is not None:
                     break
                 victim = self.running[-1]  # newest first
@@ -94,12 +128,14 @@ class Scheduler:
             if got is None:
                 continue
             copies.extend(got)
-            scheduled.append(self._scheduled(seq, num_new))
+            if seq.num_scheduled < seq.num_prompt_tokens:
+                prompt_starts.append((seq, seq.num_scheduled))
+            scheduled.append(self._scheduled(seq, num_new, new_seqs))
             budget -= num_new
 
         # Blocks being computed this step, so that a waiting sequence that would compute the
         # same block (a shared prefix nobody has cached yet) waits one step and reuses it instead.
-        inflight = {self._next_block_key(item.seq, item.start) for item in scheduled if item.start < item.seq.num_prompt_tokens}
+        inflight = {self._next_block_key(seq, start) for seq, start in prompt_starts}
         admitted = []
         for seq in list(self.waiting) if not preempted else []:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
@@ -111,14 +147,15 @@ class Scheduler:
                         continue
                 seq.num_computed = 0 if self._needs_prompt_logprobs(seq) else \
                     self.kv.match_prefix(seq.seq_id, seq.token_ids, seq.salt)
+                seq.num_scheduled = seq.num_computed
                 seq.prefix_matched = True
                 if not seq.num_preemptions:
                     seq.num_cached_tokens = seq.num_computed
-            remaining = seq.num_tokens - seq.num_computed
+            remaining = seq.num_tokens - seq.num_scheduled
             num_new = min(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 break
-            got = self.kv.allocate(seq.seq_id, seq.num_computed, num_new)
+            got = self.kv.allocate(seq.seq_id, seq.num_scheduled, num_new)
             if got is None:
                 if not self.running and not scheduled:
                     raise RuntimeError(f"KV cache too small: {self.kv.num_blocks} blocks of {self.kv.block_size} "
@@ -128,15 +165,23 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             copies.extend(got)
-            scheduled.append(self._scheduled(seq, num_new))
-            inflight.add(self._next_block_key(seq, seq.num_computed))
+            inflight.add(self._next_block_key(seq, seq.num_scheduled))
+            scheduled.append(self._scheduled(seq, num_new, new_seqs))
             budget -= num_new
         if admitted:
             chosen = set(map(id, admitted))
             self.waiting = deque(s for s in self.waiting if id(s) not in chosen)
 
         finished, self._finished = self._finished, []
-        return SchedulerOutput(scheduled, sum(s.num_new for s in scheduled), copies, finished, preempted)
+        return SchedulerOutput(scheduled, sum(item.num_new for item in scheduled), new_seqs, copies, finished,
+                               preempted)
+
+    def _done_when_pending_lands(self, seq: Sequence) -> bool:
+        """A token in flight will end ``seq`` by length: scheduling it again would be wasted."""
+        if not seq.num_pending:
+            return False
+        return (seq.num_output_tokens + seq.num_pending >= seq.max_tokens
+                or seq.num_tokens + seq.num_pending >= self.max_model_len)
 
     def _next_block_key(self, seq: Sequence, start: int) -> tuple:
         """Identifies the first block ``seq`` computes from ``start`` (position and contents)."""
@@ -147,37 +192,68 @@ class Scheduler:
     def _needs_prompt_logprobs(self, seq: Sequence) -> bool:
         return getattr(seq.params, "prompt_logprobs", None) is not None and seq.num_output_tokens == 0
 
-    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
-        sample = seq.num_computed + num_new == seq.num_tokens and seq.max_tokens > 0
+    def _scheduled(self, seq: Sequence, num_new: int, new_seqs: list[NewSeq]) -> ScheduledSeq:
+        """The step message's entry for ``seq`` (and its NewSeq if the runner lacks it); advances its counts."""
+        start = seq.num_scheduled
+        if not seq.in_runner:
+            new_seqs.append(NewSeq(seq.seq_id, seq.request_id, seq.index, list(seq.token_ids),
+                                   seq.num_prompt_tokens, seq.params, seq.eos_token_id))
+            seq.in_runner = True
+            seq.runner_blocks = []
+        table = self.kv.block_table(seq.seq_id)
+        frm = _first_change(table, seq.runner_blocks)
+        seq.runner_blocks = table
+        sample = start + num_new == seq.num_tokens + seq.num_pending and seq.max_tokens > 0
+        children = []
+        if sample and seq.pending_forks:
+            children = [new_seq_id() for _ in range(seq.pending_forks)]
+            seq.forking, seq.pending_forks = list(children), 0
+            self._fork_tables[seq.seq_id] = table  # the children start from the runner's copy of it
+        self.num_prompt_tokens_computed += max(0, min(start + num_new, seq.num_prompt_tokens) - start)
+        seq.num_scheduled += num_new
+        if sample:
+            seq.num_pending += 1
         return ScheduledSeq(
-            seq=seq, start=seq.num_computed, num_new=num_new, block_table=self.kv.block_table(seq.seq_id),
-            sample=sample, num_samples=1 + seq.pending_forks if sample else 1,
-            prompt_logprobs=self._needs_prompt_logprobs(seq),
+            seq_id=seq.seq_id, start=start, num_new=num_new, sample=sample, num_samples=1 + len(children),
+            prompt_logprobs=self._needs_prompt_logprobs(seq), blocks_from=frm, new_blocks=table[frm:],
+            child_seq_ids=children,
         )
 
-    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
-        """Apply a step's results: advance counts, append sampled tokens, fork, finish. Returns touched seqs."""
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[tuple[Sequence, int, bool]]:
+        """Apply a step's results: advance counts, append sampled tokens, fork, finish.
+
+        Returns ``(seq, first_new, forked)`` for every sequence touched: its tokens from
+        ``first_new`` on are new this step; ``forked`` marks a child created by this step. Entries of sequences that finished or were preempted since the
+        step was scheduled are skipped (their results are stale).
+        """
         touched = []
         for item in out.seqs:
-            seq = item.seq
-            if seq.is_finished:  # aborted while the step ran
+            seq = self._live.get(item.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING or item.start + item.num_new > seq.num_scheduled:
                 continue
-            seq.num_computed += item.num_new
-            touched.append(seq)
+            seq.num_computed = item.start + item.num_new
+            first_new = seq.num_tokens
+            touched.append((seq, first_new, False))
             tokens = result.sampled.get(seq.seq_id)
+            if item.sample:
+                seq.num_pending -= 1
             if not tokens:
                 self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed, seq.salt)
                 if seq.max_tokens == 0 and seq.num_computed >= seq.num_tokens:
                     self.finish(seq, FinishReason.LENGTH)  # scoring only: the prompt is all it wanted
                 continue
             logprobs = result.logprobs.get(seq.seq_id)
-            for i, token in enumerate(tokens[1:], start=1):
-                child = seq.fork(seq.index + i)
+            fork_table = self._fork_tables.pop(seq.seq_id, [])
+            for i, (token, child_id) in enumerate(zip(tokens[1:], item.child_seq_ids), start=1):
+                child = seq.fork(seq.index + i, child_id, seq.num_computed)
+                child.in_runner, child.runner_blocks = True, list(fork_table)
                 self.kv.fork(seq.seq_id, child.seq_id)
                 self.running.append(child)
+                self._live[child.seq_id] = child
                 self._append(child, token, logprobs[i] if logprobs else None)
-                touched.append(child)
-            seq.pending_forks = 0
+                touched.append((child, child.num_prompt_tokens, True))
+            if item.child_seq_ids:
+                seq.forking = []
             self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed, seq.salt)
             self._append(seq, tokens[0], logprobs[0] if logprobs else None)
         return touched

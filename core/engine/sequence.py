@@ -24,12 +24,19 @@ class FinishReason(str, enum.Enum):
 _ids = itertools.count()
 
 
+def new_seq_id() -> int:
+    """A fresh sequence id (the scheduler takes children's ids ahead of their fork)."""
+    return next(_ids)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generated continuation of a request.
 
     ``token_ids`` holds the prompt followed by the output; ``num_computed`` counts the
-    positions whose KV is in the cache. ``params`` is the request's SamplingParams (read
+    positions whose KV is in the cache, ``num_scheduled`` those handed to a step (ahead of
+    ``num_computed`` while a step runs), and ``num_pending`` the tokens being sampled by steps
+    in flight (not yet in ``token_ids``). ``params`` is the request's SamplingParams (read
     by the model runner's sampler; the scheduler reads only the stop conditions).
     ``index`` is the position among the request's ``n`` continuations.
     """
@@ -43,8 +50,10 @@ class Sequence:
     salt: str | None = None
     index: int = 0
     arrival: float = 0.0
-    seq_id: int = field(default_factory=lambda: next(_ids))
+    seq_id: int = field(default_factory=new_seq_id)
     num_computed: int = 0
+    num_scheduled: int = 0
+    num_pending: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
@@ -57,6 +66,11 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)
     #: Children still to fork from this sequence once its prompt is computed (n > 1).
     pending_forks: int = 0
+    #: Ids of the children a step in flight forks from this sequence's sample.
+    forking: list[int] = field(default_factory=list)
+    #: What the model runner holds of this sequence: whether it was sent, and its block table there.
+    in_runner: bool = False
+    runner_blocks: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -78,11 +92,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
-    def fork(self, index: int) -> "Sequence":
+    def fork(self, index: int, seq_id: int | None = None, num_computed: int | None = None) -> "Sequence":
         """A child sharing everything computed so far (its KV blocks are forked by the KV manager)."""
         child = Sequence(self.request_id, list(self.token_ids), self.num_prompt_tokens, self.params,
-                         self.max_tokens, self.eos_token_id, self.salt, index, self.arrival)
-        child.num_computed = self.num_computed
+                         self.max_tokens, self.eos_token_id, self.salt, index, self.arrival,
+                         seq_id=new_seq_id() if seq_id is None else seq_id)
+        child.num_computed = child.num_scheduled = self.num_computed if num_computed is None else num_computed
         child.status = self.status
         child.prefix_matched = True
         child.logprobs = list(self.logprobs)
