@@ -57,6 +57,17 @@ def _inputs(op: str, gen) -> list[tuple[str, tuple, dict]]:
                                                                                    scale=0.1),
                           _randn(gen, experts, hidden, inter, scale=0.1), top_k, renorm), {}))
         return sets
+    if op == "apply_token_bitmask":
+        sets = []
+        for rows, vocab in ((1, 32), (5, 1000), (3, 4099)):
+            words = (vocab + 31) // 32
+            bits = torch.randint(-(2**31), 2**31 - 1, (rows, words), generator=gen, dtype=torch.int64)
+            bits[0, 0] = -1  # every token of the first word allowed, and a row allowing almost nothing
+            if rows > 1:
+                bits[1] = 0
+                bits[1, words - 1] = 1 << ((vocab - 1) % 32)
+            sets.append((f"{rows}x{vocab}", (_randn(gen, rows, vocab, scale=4.0), bits.to(torch.int32)), {}))
+        return sets
     raise Skip(f"no inputs defined for op {op!r}")
 
 

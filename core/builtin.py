@@ -29,6 +29,14 @@ def tokenmill_attention_backends():
 
 
 @hookimpl
+def tokenmill_guided_decoding_backends():
+    from tokenmill.guided.outlines_backend import OutlinesBackend
+    from tokenmill.guided.xgrammar_backend import XGrammarBackend
+
+    return [XGrammarBackend, OutlinesBackend]
+
+
+@hookimpl
 def tokenmill_model_architectures():
     from tokenmill.models.registry import ARCHITECTURES
 

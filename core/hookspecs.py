@@ -67,11 +67,16 @@ def tokenmill_quantization_methods():
 
 @hookspec
 def tokenmill_guided_decoding_backends():
-    """Return a list of guided-decoding backend classes.
+    """Return a list of :class:`tokenmill.guided.interface.GuidedBackend` subclasses.
 
-    A backend has a ``name`` (``"xgrammar"``, ``"outlines"``) and compiles a JSON schema,
-    regex, choice list or grammar into a per-request matcher that fills the allowed-token
-    bitmask, accepts a token, reports termination and returns the forced continuation.
+    A backend has a ``name`` (``"xgrammar"``, ``"outlines"``: the values of
+    ``--structured-output-backend`` and of a request's ``backend``), the spec ``kinds`` it
+    compiles, a cheap classmethod ``validate(spec)`` and ``compile(spec)``, which turns a JSON
+    schema, json_object, regex, choice list, grammar or structural tag into a compiled grammar
+    whose per-sequence matchers fill the allowed-token bitmask, accept and roll back tokens,
+    report termination and return the forced continuation (jump-forward). The full contract
+    is in :mod:`tokenmill.guided.interface`. A later registration of a name replaces an
+    earlier one, so a plugin may override a built-in backend.
     """
 
 

@@ -200,6 +200,10 @@ class PluginManager:
         for registry in REGISTRIES:
             self._collect(registry)
 
+    def registered(self, registry: str) -> list[tuple[str, Any]]:
+        """``(plugin name, registered object)`` pairs of one registry, in registration order (reports)."""
+        return list(self._collect(registry))
+
     def platforms(self) -> list[Platform]:
         """Every registered platform, highest priority first."""
         return sorted((p for _, p in self._collect("platforms")), key=lambda p: -p.priority)

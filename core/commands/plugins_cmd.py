@@ -1,9 +1,10 @@
 """``tokenmill plugins``: what is installed, what each plugin registered, which platforms can run here.
 
-Three sections: loaded plugins with their registration counts per registry, platforms
-in ``--device auto`` order with availability (and the reason when unavailable), and
-plugins that failed to load with a one-line error. ``--json`` prints the same as one
-object ``{"plugins": [...], "platforms": [...], "failures": [...], "auto": ...}``.
+Four sections: loaded plugins with their registration counts per registry, platforms
+in ``--device auto`` order with availability (and the reason when unavailable), the
+guided-decoding (structured output) backends, and plugins that failed to load with a
+one-line error. ``--json`` prints the same as one object
+``{"plugins": [...], "platforms": [...], "guided": [...], "failures": [...], "auto": ...}``.
 A platform whose ``availability()``, ``memory_info()`` or ``describe()`` raises is
 reported with the error; it never stops the report.
 """
@@ -91,7 +92,24 @@ def collect_report() -> dict:
     failures = [{"name": f.name, "dist": f.dist, "version": f.version, "reason": f.reason,
                  "traceback": f.traceback} for f in pm.failures]
     auto = next((p["name"] for p in platforms if p["available"]), None)
-    return {"plugins": plugins, "platforms": platforms, "failures": failures, "auto": auto}
+    return {"plugins": plugins, "platforms": platforms, "guided": _guided_report(pm), "failures": failures,
+            "auto": auto}
+
+
+def _guided_report(pm) -> list[dict]:
+    from tokenmill.guided.manager import AUTO_ORDER
+
+    latest = {cls.name: (plugin, cls) for plugin, cls in pm.registered("guided_decoding_backends")}
+    out = []
+    for name, (plugin, cls) in latest.items():
+        try:
+            why = cls.available()
+        except Exception as exc:  # noqa: BLE001 - a report never crashes on a plugin bug
+            why = f"available() raised {_error(exc)}"
+        out.append({"name": name, "plugin": plugin, "kinds": list(getattr(cls, "kinds", ())),
+                    "available": not why, "reason": why or "",
+                    "auto_rank": AUTO_ORDER.index(name) if name in AUTO_ORDER else None})
+    return out
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -133,6 +151,12 @@ def format_report(report: dict, verbose: bool = False) -> str:
             lines.append(f"  {p['name']}: {facts or '-'}")
             if "memory_error" in p:
                 lines.append(f"  {p['name']}: memory_info() raised {p['memory_error']}")
+
+    lines += ["", "Guided decoding backends (--structured-output-backend; auto tries xgrammar, then outlines):"]
+    rows = [["BACKEND", "PLUGIN", "KINDS", "AVAILABLE"]]
+    for g in report.get("guided", []):
+        rows.append([g["name"], g["plugin"], ",".join(g["kinds"]), "yes" if g["available"] else f"no: {g['reason']}"])
+    lines += _table(rows) if len(rows) > 1 else ["  (none registered)"]
 
     if report["failures"]:
         lines += ["", "Failed plugins:"]

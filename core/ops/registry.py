@@ -18,13 +18,17 @@ The ops and their exact contracts (all functional: inputs are never modified):
     ``x``: ``[N, H]``; ``router_logits``: ``[N, E]``; ``w13``: ``[E, 2I, H]`` (gate rows then up
     rows); ``w2``: ``[E, H, I]``. Softmax over experts in float32, keep the ``top_k`` largest,
     renormalise them to sum 1 when ``renormalize``; ``y = sum_e p_e * (w2_e @ silu_and_mul(w13_e @ x))``.
+``apply_token_bitmask(logits, bitmask) -> masked_logits``
+    ``logits``: float ``[N, V]``; ``bitmask``: int32 ``[N, ceil(V / 32)]`` (on the host or the
+    device), bit ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed (xgrammar's layout).
+    Returns ``logits`` with every disallowed token set to ``-inf`` (guided decoding, before sampling).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-OPS = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "fused_moe")
+OPS = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "fused_moe", "apply_token_bitmask")
 
 
 @dataclass(frozen=True)

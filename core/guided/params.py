@@ -1,0 +1,74 @@
+"""``StructuredOutputsParams``: the per-request constraint, with vLLM's field names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.guided.interface import GuidedSpec, GuidedSpecError
+
+#: ``backend`` values a request or the server may name.
+BACKEND_CHOICES = ("auto", "xgrammar", "outlines")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of ``json`` (a schema: dict, JSON string or pydantic model class), ``regex``,
+    ``choice`` (list of strings), ``grammar`` (EBNF/GBNF with ``::=`` rules, or Lark),
+    ``json_object`` (True: any JSON object) or ``structural_tag`` (xgrammar's format, or vLLM's
+    ``{"structures": [...], "triggers": [...]}``).
+
+    ``backend``: ``xgrammar``, ``outlines`` or ``auto`` (None: the server's
+    ``--structured-output-backend``). ``disable_any_whitespace``: compact JSON (no free whitespace).
+    ``jump_forward``: None follows the engine's setting; False turns it off for this request.
+    """
+
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+    backend: str | None = None
+    disable_any_whitespace: bool = False
+    jump_forward: bool | None = None
+    #: Where these params came from in a request body (error messages name it).
+    param: str = "structured_outputs"
+
+    def __post_init__(self):
+        self.spec = self._spec()
+
+    def _spec(self) -> GuidedSpec:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise GuidedSpecError(f"{self.param} must set exactly one of json, regex, choice, grammar, json_object, "
+                                  f"structural_tag; got {', '.join(given) or 'none'}", self.param)
+        if self.backend is not None and self.backend not in BACKEND_CHOICES:
+            raise GuidedSpecError(f"{self.param}.backend must be one of {', '.join(BACKEND_CHOICES)}, "
+                                  f"got {self.backend!r}", f"{self.param}.backend")
+        kind = given[0]
+        # the offline/``structured_outputs`` form names the sub-field; API aliases name themselves
+        param = f"{self.param}.{kind}" if self.param == "structured_outputs" else self.param
+        ws = not self.disable_any_whitespace
+        if kind == "json":
+            return GuidedSpec.json_schema(self.json, param=param, any_whitespace=ws)
+        if kind == "choice":
+            return GuidedSpec.choice(self.choice, param=param)
+        if kind == "structural_tag":
+            return GuidedSpec.structural_tag(self.structural_tag, param=param)
+        if kind == "json_object":
+            return GuidedSpec("json_object", "", any_whitespace=ws, param=param)
+        value = getattr(self, kind)
+        if not isinstance(value, str) or not value:
+            raise GuidedSpecError(f"{param} must be a non-empty string", param)
+        return GuidedSpec(kind, value, param=param)
+
+    @classmethod
+    def from_spec(cls, spec: GuidedSpec, backend: str | None = None) -> "StructuredOutputsParams":
+        """Params carrying an already built spec (tool calling builds structural tags this way)."""
+        self = cls.__new__(cls)
+        for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag"):
+            setattr(self, name, None)
+        self.backend, self.disable_any_whitespace, self.jump_forward, self.param = backend, False, None, spec.param
+        self.spec = spec
+        return self

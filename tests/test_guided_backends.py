@@ -1,0 +1,193 @@
+"""The guided-decoding contract through both real backends, without the engine.
+
+Matchers are driven by a seeded random walk over the tokens their bitmask allows, on the
+bundled model's tokenizer (byte-level BPE, 4096 tokens): whatever the walk picks, the
+decoded text must satisfy the spec once the matcher terminates.
+"""
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmill.guided import GuidedCompiler, GuidedSpec, GuidedSpecError, StructuredOutputsParams, VocabInfo
+from tokenmill.guided.manager import backend_classes, choose_backend
+from tokenmill.ops.reference import apply_token_bitmask
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from tokenmill.default_model import resolve_model
+    from tokenmill.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_model(None))
+    return VocabInfo(tok, 4096, [tok.eos_token_id])
+
+
+@pytest.fixture(scope="module")
+def compiler(vocab):
+    c = GuidedCompiler(vocab)
+    yield c
+    c.close()
+
+
+def allowed_ids(bitmask_row: np.ndarray, vocab_size: int) -> list[int]:
+    bits = np.unpackbits(bitmask_row.view(np.uint8), bitorder="little")[:vocab_size]
+    return np.flatnonzero(bits).tolist()
+
+
+def walk(matcher, vocab, seed=0, max_steps=300, jump=False):
+    """Pick allowed tokens at random (EOS as soon as it is allowed) until the matcher terminates."""
+    rng = random.Random(seed)
+    eos = vocab.eos_token_ids[0]
+    bm = np.zeros((1, vocab.bitmask_width), dtype=np.int32)
+    out: list[int] = []
+    text_forced = ""
+    for _ in range(max_steps):
+        if matcher.is_terminated():
+            break
+        if jump:
+            forced = matcher.forced_continuation()
+            if forced:
+                ids = vocab.tokenizer.encode(forced, add_special_tokens=False)
+                assert all(matcher.accept_token(t) for t in ids), f"forced text {forced!r} was not accepted"
+                out += ids
+                text_forced += forced
+                continue
+        bm[:] = 0
+        matcher.fill_bitmask(bm, 0)
+        allowed = allowed_ids(bm[0], vocab.vocab_size)
+        assert allowed, "a matcher that has not terminated must allow some token"
+        tok = eos if eos in allowed else rng.choice(allowed)
+        assert matcher.accept_token(tok)
+        out.append(tok)
+    assert matcher.is_terminated(), f"no termination after {max_steps} tokens: {vocab.tokenizer.decode(out)!r}"
+    assert out[-1] == eos
+    return vocab.tokenizer.decode(out[:-1]), text_forced
+
+
+SCHEMA = {"type": "object", "properties": {
+    "color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
+    "name": {"type": "string", "maxLength": 6}, "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                                         "maxItems": 3}},
+    "required": ["color", "ok", "name", "tags"], "additionalProperties": False}
+
+CASES = {
+    # strict=False: xgrammar 0.2's JSON strings admit raw control characters, which a random walk finds
+    "json": (GuidedSpec.json_schema(SCHEMA, any_whitespace=False),
+             lambda text: jsonschema.validate(json.loads(text, strict=False), SCHEMA)),
+    "regex": (GuidedSpec("regex", r"(ab|c)[0-9]{2,4}-[xyz]"),
+              lambda text: re.fullmatch(r"(ab|c)[0-9]{2,4}-[xyz]", text) or pytest.fail(text)),
+    "choice": (GuidedSpec.choice(["yes", "no", "maybe not"]),
+               lambda text: text in ("yes", "no", "maybe not") or pytest.fail(text)),
+}
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "outlines"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("jump", [False, True])
+def test_random_walks_satisfy_the_spec(compiler, vocab, backend, case, jump):
+    spec, check = CASES[case]
+    grammar = compiler.compile(spec, backend)
+    assert grammar.backend == backend
+    for seed in range(4):
+        text, forced = walk(grammar.matcher(), vocab, seed, jump=jump)
+        check(text)
+        if jump and case == "json":
+            assert re.match(r'{"color": ?"', forced), forced  # the first key is forced text
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "outlines"])
+def test_json_object_accepts_json_and_rejects_garbage(compiler, vocab, backend):
+    tok = vocab.tokenizer
+    m = compiler.compile(GuidedSpec("json_object"), backend).matcher()
+    assert not m.accept_token(tok.encode("hello", add_special_tokens=False)[0])
+    text = '{"a": [1, 2], "b": {"c": null}}' if backend == "xgrammar" else '{"a": 1.5, "b": "x", "c": null}'
+    for t in tok.encode(text, add_special_tokens=False):
+        assert m.accept_token(t)
+    assert m.accept_token(vocab.eos_token_ids[0]) and m.is_terminated()
+
+
+def test_grammar_and_structural_tag_through_xgrammar(compiler, vocab):
+    ebnf = 'root ::= "x" digit digit "!"\ndigit ::= [0-9]'
+    text, _ = walk(compiler.compile(GuidedSpec("grammar", ebnf)).matcher(), vocab, seed=3)
+    assert re.fullmatch(r"x[0-9]{2}!", text), text
+    lark = 'start: "v" NUM\nNUM: /[0-9]{1,3}/'
+    text, _ = walk(compiler.compile(GuidedSpec("grammar", lark)).matcher(), vocab, seed=1)
+    assert re.fullmatch(r"v[0-9]{1,3}", text), text
+    params = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"]}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<tool_call>",
+                                                 "content": {"type": "json_schema", "json_schema": params},
+                                                 "end": "</tool_call>"}}
+    text, forced = walk(compiler.compile(GuidedSpec.structural_tag(tag)).matcher(), vocab, seed=2, jump=True)
+    m = re.fullmatch(r"<tool_call>(.*)</tool_call>", text, re.S)
+    assert m and json.loads(m.group(1))["city"] in ("Oslo", "Rome"), text
+    assert forced.startswith("<tool_call>")
+    legacy = {"structures": [{"begin": "<f>", "schema": params, "end": "</f>"}], "triggers": ["<f>"]}
+    compiler.compile(GuidedSpec.structural_tag(legacy))  # vLLM's older format compiles too
+
+
+def test_outlines_refuses_grammars_and_auto_falls_back(compiler):
+    classes = backend_classes()
+    with pytest.raises(GuidedSpecError, match="outlines backend does not support grammar"):
+        choose_backend(GuidedSpec("grammar", 'root ::= "a"'), "outlines", classes)
+    assert choose_backend(GuidedSpec("grammar", 'root ::= "a"'), "auto", classes) == "xgrammar"
+    # xgrammar has no Unicode classes or inline flags; outlines-core does: auto falls back
+    assert choose_backend(GuidedSpec("regex", r"\p{L}+"), "auto", classes) == "outlines"
+    assert choose_backend(GuidedSpec("regex", r"(?i)yes"), "auto", classes) == "outlines"
+    assert choose_backend(GuidedSpec("regex", r"[a-z]+"), "auto", classes) == "xgrammar"
+    assert compiler.compile(GuidedSpec("regex", r"(?i)yes")).backend == "outlines"
+
+
+@pytest.mark.parametrize("spec,param,match", [
+    (dict(json={"type": "object", "properties": {"a": {"type": "nope"}}}), "structured_outputs.json", "nope"),
+    (dict(json="{not json"), "structured_outputs.json", "not valid JSON"),
+    (dict(regex="(unclosed"), "structured_outputs.regex", "invalid"),
+    (dict(grammar='root ::= "a" |'), "structured_outputs.grammar", "invalid"),
+    (dict(choice=[]), "structured_outputs.choice", "non-empty"),
+    (dict(structural_tag={"type": "structural_tag", "format": {"type": "bogus"}}),
+     "structured_outputs.structural_tag", "invalid"),
+    (dict(json={"type": "object"}, regex="a"), "structured_outputs", "exactly one"),
+    (dict(regex="a", backend="llguidance"), "structured_outputs.backend", "must be one of"),
+])
+def test_invalid_specs_name_the_parameter(spec, param, match):
+    with pytest.raises(GuidedSpecError, match=match) as info:
+        p = StructuredOutputsParams(**spec)
+        choose_backend(p.spec, p.backend or "auto", backend_classes())
+    assert info.value.param == param
+
+
+def test_compile_cache_and_rollback(compiler, vocab):
+    spec = GuidedSpec("regex", r"cache[0-9]+")
+    before = compiler.num_compiles
+    a = compiler.compile(spec, "xgrammar")
+    hits = compiler.num_cache_hits
+    assert compiler.compile(spec, "xgrammar") is a and compiler.num_cache_hits == hits + 1
+    assert compiler.num_compiles == before + 1
+    for backend in ("xgrammar", "outlines"):
+        m = compiler.compile(spec, backend).matcher()
+        ids = vocab.tokenizer.encode("cache12", add_special_tokens=False)
+        assert all(m.accept_token(t) for t in ids)
+        m.rollback(len(ids))
+        assert not m.accept_token(vocab.tokenizer.encode("9", add_special_tokens=False)[0])
+        assert m.accept_token(ids[0])
+        child = m.fork()
+        assert all(child.accept_token(t) for t in ids[1:])
+        assert not m.is_terminated() and m.accept_token(ids[1])  # the fork moved alone
+
+
+def test_reference_bitmask_op_matches_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 70, generator=gen)
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, 3), generator=gen, dtype=torch.int64).to(torch.int32)
+    got = apply_token_bitmask(logits, bits)
+    for r in range(3):
+        for t in range(70):
+            on = (int(bits[r, t // 32]) >> (t % 32)) & 1
+            assert (got[r, t] == logits[r, t]) if on else got[r, t] == float("-inf")
+    narrow = apply_token_bitmask(logits, bits[:, :1])  # tokens past the mask's last word: never allowed
+    assert torch.isinf(narrow[:, 32:]).all()
