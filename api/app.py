@@ -19,12 +19,13 @@ from tokenmill.api.errors import bad_request, error_body, install_error_handlers
 from tokenmill.api.metrics import CONTENT_TYPE, Metrics
 from tokenmill.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tokenmill.api.serving import Serving
+from tokenmill.api.worker_info import ROUTER_OPEN_PATHS, add_worker_routes
 from tokenmill.version import __version__
 
 log = logging.getLogger(__name__)
 
 #: Paths answered without an API key (load balancers and scrapers hold no key).
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics"}) | ROUTER_OPEN_PATHS
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,9 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
         if bad:
             raise bad_request(f"token id(s) {bad[:5]} are outside the vocabulary (size {srv.vocab_size}).", "tokens")
         return {"prompt": srv.tokenizer.decode(req.tokens)}
+
+    add_worker_routes(app, engine, settings.model_names, settings.model_path,
+                      getattr(engine.tokenizer, "name_or_path", None) or settings.model_path)
 
     @app.get("/metrics")
     async def prometheus():

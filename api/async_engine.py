@@ -163,6 +163,19 @@ class AsyncEngine:
         finally:
             self._stats_waiters.pop(token, None)
 
+    async def flush_cache(self, timeout: float = 10.0) -> int:
+        """Drop the prefix cache's unreferenced blocks; returns how many were freed."""
+        if not self.healthy:
+            raise CoreDead(self.dead or "the engine core process is not running")
+        token = next(self._tokens)
+        fut = self._loop.create_future()
+        self._stats_waiters[token] = fut
+        self.core.send(("flush_cache", token))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._stats_waiters.pop(token, None)
+
     # -- dispatch (runs on the event loop) ------------------------------------------------------
     def _on_message(self, msg) -> None:
         kind = msg[0]
@@ -196,7 +209,7 @@ class AsyncEngine:
                 else:
                     group.queue.put_nowait(err)
                 self.abort(group, count=False)  # the request's other prompts, if any
-        elif ev[0] == "stats":
+        elif ev[0] in ("stats", "flushed"):
             fut = self._stats_waiters.get(ev[1])
             if fut is not None and not fut.done():
                 fut.set_result(ev[2])

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "serve": ("serve", "serve a model behind an OpenAI-compatible HTTP API"),
+    "router": ("router", "data-parallel replicas behind SGLang's router (tokenmill[router])"),
     "generate": ("generate", "generate text from a model, offline"),
     "bench": ("bench", "benchmarks: throughput, prefix, serve"),
     "plugins": ("plugins_cmd", "list installed plugins, their platforms and registrations"),

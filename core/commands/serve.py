@@ -25,9 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_engine_arguments(p)
+    from tokenmill.commands.router import add_router_arguments
+
+    add_router_arguments(p)
 
 
 def run(args) -> int:
+    if args.data_parallel_size != 1:  # N replicas behind SGLang's router
+        from tokenmill.commands import router
+
+        return router.run(args)
     from tokenmill.api.server import run_server
 
     return run_server(args)

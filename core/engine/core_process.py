@@ -11,6 +11,7 @@ API -> core commands (tuples)::
     ("abort", request_id)
     ("finish", request_id, index, stop)      # a stop string matched in the API's detokenizer
     ("stats", token)
+    ("flush_cache", token)                   # drop unreferenced prefix-cache blocks
     ("shutdown",)
 
 core -> API messages::
@@ -21,7 +22,8 @@ core -> API messages::
     ("fatal", message)                       # the loop crashed; the process exits
 
 ``events`` holds ``("accepted", rid)``, ``("rejected", rid, kind, message)`` with ``kind`` in
-``queue_full``/``invalid``/``internal``, and ``("stats", token, EngineStats)``.
+``queue_full``/``invalid``/``internal``, ``("stats", token, EngineStats)`` and
+``("flushed", token, num_blocks_freed)``.
 The core blocks on its command pipe while it has no work (no busy spin) and exits when the
 API process goes away (its command pipe reaches EOF).
 """
@@ -53,6 +55,9 @@ class CoreInfo:
     block_size: int
     num_kv_tokens: int
     attention_backend: str
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    tensor_parallel_size: int = 1
 
 
 class CoreStartupError(RuntimeError):
@@ -88,7 +93,8 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
         engine = EngineCore(config)
         info = CoreInfo(os.getpid(), engine.platform.name, engine.max_model_len, engine.vocab_size,
                         engine.kv.num_blocks, engine.kv.block_size, engine.num_kv_tokens,
-                        engine.runner.backend.name)
+                        engine.runner.backend.name, config.scheduler.max_num_seqs,
+                        config.scheduler.max_num_batched_tokens, getattr(config, "tensor_parallel_size", 1))
     except BaseException as exc:  # report anything, even SystemExit, rather than die silently
         out_conn.send(("startup_error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
@@ -135,6 +141,10 @@ def _loop(engine, cmd_conn, out_conn) -> None:
             engine.finish_seq(cmd[1], cmd[2], cmd[3])
         elif kind == "stats":
             events.append(("stats", cmd[1], engine.stats()))
+        elif kind == "flush_cache":
+            before = engine.kv.num_cached_blocks
+            engine.kv.reset_prefix_cache()
+            events.append(("flushed", cmd[1], before - engine.kv.num_cached_blocks))
         elif kind == "shutdown":
             return False
         else:
