@@ -129,6 +129,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _registered(url: str) -> int:
+    """How many healthy workers the router at ``url`` has registered."""
+    import json
+
+    try:
+        with urllib.request.urlopen(url + "/workers", timeout=2) as r:
+            return sum(1 for w in json.load(r).get("workers", []) if w.get("is_healthy"))
+    except (OSError, ValueError):
+        return 0
+
+
 def _stop(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
     for p in procs:
         if p.poll() is None:
@@ -159,22 +170,39 @@ class Deployment:
         self.url = f"http://{args.host}:{args.port}"
 
     def start(self, timeout: float | None = None) -> None:
+        try:
+            self.start_replicas(timeout)
+            self.start_router(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_replicas(self, timeout: float | None = None) -> None:
         timeout = timeout or self.args.startup_timeout or 600.0
         env = dict(os.environ)
         # Replicas share this host's cores: give each its share of OpenMP threads unless the user chose.
         if self._ports and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self._ports)))
-        try:
-            for port in self._ports:
-                self.replicas.append(subprocess.Popen(replica_argv(self.args, port), env=env))
-                self.worker_urls.append(f"http://127.0.0.1:{port}")
-            self._wait(self.worker_urls, self.replicas, timeout, "replica")
-            prom = self.args.router_prometheus_port or free_port()
-            self.router = subprocess.Popen(router_argv(self.args, self.worker_urls, prom))
-            self._wait([self.url], [self.router], timeout, "router")
-        except BaseException:
-            self.stop()
-            raise
+        for port in self._ports:
+            self.replicas.append(subprocess.Popen(replica_argv(self.args, port), env=env))
+            self.worker_urls.append(f"http://127.0.0.1:{port}")
+        self._wait(self.worker_urls, self.replicas, timeout, "replica")
+
+    def start_router(self, timeout: float | None = None) -> None:
+        """Start the router in front of the replicas (again, after :meth:`stop_router`, say with another policy)."""
+        prom = self.args.router_prometheus_port or free_port()
+        self.router = subprocess.Popen(router_argv(self.args, self.worker_urls, prom))
+        self._wait([self.url], [self.router], timeout or 120.0, "router")
+        deadline = time.monotonic() + (timeout or 120.0)
+        while _registered(self.url) < len(self.worker_urls):  # the router adds workers in the background
+            if self.router.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the router did not register the {len(self.worker_urls)} replicas")
+            time.sleep(0.25)
+
+    def stop_router(self) -> None:
+        if self.router is not None:
+            _stop([self.router])
+            self.router = None
 
     def _wait(self, urls, procs, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
