@@ -21,6 +21,7 @@ last ``sliding_window`` positions when that is set. GQA: query head ``h`` reads 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, ClassVar
 
 
@@ -47,6 +48,23 @@ class AttentionMetadata:
     block_size: int
     #: Free-form per-backend state built once per step by ``AttentionBackend.prepare``.
     extra: Any = None
+
+    @classmethod
+    def from_lists(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                   slot_mapping: list[int], block_size: int, device) -> "AttentionMetadata":
+        """Build the step's tensors on ``device`` from host lists (block tables are padded here)."""
+        import torch
+
+        width = max(len(t) for t in block_tables)
+        qsl = [0, *accumulate(query_lens)]
+        return cls(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32,
+                                      device=device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, block_size=block_size)
 
     def split_decodes(self) -> tuple[list[int], list[int], list[tuple[int, int, int, int]]]:
         """Sort the batch for planning: ``(decode_seqs, decode_rows, prefills)``.

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -116,10 +117,8 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        qsl = [0]
         seq_lens = []
         query_lens = []
-        max_blocks = max(len(st.block_table) for st in states)
         tables = []
         for item, st in zip(out.seqs, states):
             start, n = item.start, item.num_new
@@ -128,19 +127,12 @@ class ModelRunner:
             positions.extend(pos)
             table = st.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             query_lens.append(n)
-            tables.append(table + [0] * (max_blocks - len(table)))
+            tables.append(table)
         dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, block_size=bs,
-        )
+        meta = AttentionMetadata.from_lists(query_lens, seq_lens, tables, slots, bs, dev)
+        qsl = [0, *accumulate(query_lens)]
         self.backend.prepare(meta)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)

@@ -64,19 +64,9 @@ class SimpleRunner:
                 slots.append(seq.blocks[p // self.block_size] * self.block_size + p % self.block_size)
             qlens.append(n)
             slens.append(start + n)
-        max_blocks = max(len(seq.blocks) for seq, _ in chunks)
-        table = [seq.blocks + [0] * (max_blocks - len(seq.blocks)) for seq, _ in chunks]
-        qsl = [0]
-        for n in qlens:
-            qsl.append(qsl[-1] + n)
         dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(slens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=max(qlens), max_seq_len=max(slens),
-            query_lens_cpu=qlens, seq_lens_cpu=slens, block_size=self.block_size)
+        meta = AttentionMetadata.from_lists(qlens, slens, [seq.blocks for seq, _ in chunks], slots,
+                                            self.block_size, dev)
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                 meta)
 
