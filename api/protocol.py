@@ -10,6 +10,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenmill.guided.params import StructuredOutputsParams
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -50,6 +51,15 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     cache_salt: str | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -88,7 +98,60 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias=self.logit_bias,
+            structured_outputs=self.structured_outputs_params(),
         )
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever one of ``response_format``,
+        ``structured_outputs`` or the ``guided_*`` fields it uses. Raises GuidedSpecError
+        (a ValueError whose ``param`` names the field) for a malformed or ambiguous one."""
+        from tokenmill.guided.interface import GuidedSpecError
+
+        found: list[StructuredOutputsParams] = []
+        from tokenmill.guided.params import BACKEND_CHOICES
+
+        backend = self.guided_decoding_backend
+        if backend is not None and backend not in BACKEND_CHOICES:
+            raise GuidedSpecError(f"guided_decoding_backend must be one of {', '.join(BACKEND_CHOICES)}, "
+                                  f"got {backend!r}", "guided_decoding_backend")
+        if self.guided_whitespace_pattern is not None:
+            raise GuidedSpecError("guided_whitespace_pattern is not supported; use "
+                                  "structured_outputs.disable_any_whitespace", "guided_whitespace_pattern")
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(StructuredOutputsParams(json_object=True, backend=backend, param="response_format"))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or js.get("schema") is None:
+                    raise GuidedSpecError("response_format.json_schema.schema is required for type json_schema",
+                                          "response_format")
+                # strict or not, the output follows the schema (strict=false merely allows that)
+                found.append(StructuredOutputsParams(json=js["schema"], backend=backend,
+                                                     param="response_format.json_schema.schema"))
+            elif kind != "text":
+                raise GuidedSpecError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                                      "response_format")
+        if self.structured_outputs is not None:
+            fields = dict(self.structured_outputs)
+            known = {"json", "regex", "choice", "grammar", "json_object", "structural_tag", "backend",
+                     "disable_any_whitespace"}
+            unknown = sorted(set(fields) - known)
+            if unknown:
+                raise GuidedSpecError(f"structured_outputs has unsupported field(s): {', '.join(unknown)}",
+                                      "structured_outputs")
+            fields.setdefault("backend", backend)
+            found.append(StructuredOutputsParams(**fields))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append(StructuredOutputsParams(**{kind: value}, backend=backend, param=name))
+        if len(found) > 1:
+            raise GuidedSpecError("set only one of response_format, structured_outputs and the guided_* fields, "
+                                  f"got {', '.join(f.param.split('.')[0] for f in found)}", found[1].param)
+        return found[0] if found else None
 
     @property
     def include_usage(self) -> bool:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from tokenmill.api.async_engine import AsyncEngine, PromptInput, RequestGroup, RequestRejected
 from tokenmill.api.errors import APIError, bad_request, invalid_params
 from tokenmill.engine.core_process import CoreDead
+from tokenmill.guided.interface import GuidedSpec, GuidedSpecError
+from tokenmill.guided.manager import choose_backend
+from tokenmill.guided.params import StructuredOutputsParams
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Serving:
         self.vocab_size = engine.info.vocab_size
         self._warned: set[tuple[str, str]] = set()
         self.sampling_defaults = model_sampling_defaults(model_path)
+        self.structured_output_backend = getattr(engine.info, "structured_output_backend", "auto")
+        self._guided_classes = None
 
     @property
     def model_name(self) -> str:
@@ -103,12 +108,36 @@ class Serving:
     def sampling_params(self, req):
         try:
             params = req.sampling_params(self.sampling_defaults)
+        except GuidedSpecError as exc:
+            raise bad_request(str(exc), exc.param) from None
         except ValueError as exc:
             raise invalid_params(exc, _SAMPLING_FIELDS) from None
+        if params.structured_outputs is not None:
+            self.check_structured_outputs(params.structured_outputs)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > MAX_LOGPROBS:
                 raise bad_request(f"{name} must be at most {MAX_LOGPROBS}, got {value}.", name)
+        return params
+
+    def check_structured_outputs(self, so: StructuredOutputsParams) -> str:
+        """Validate a constraint here, so that a bad schema, regex or grammar is a 400 naming its
+        parameter (the engine would refuse it too, but later); returns the backend that will compile it."""
+        if self._guided_classes is None:
+            from tokenmill.guided.manager import backend_classes
+
+            self._guided_classes = backend_classes()
+        try:
+            return choose_backend(so.spec, so.backend or self.structured_output_backend, self._guided_classes)
+        except GuidedSpecError as exc:
+            raise bad_request(str(exc), exc.param) from None
+
+    def constrain(self, params, spec: GuidedSpec, backend: str | None = None):
+        """Attach the output constraint ``spec`` to ``params`` (validated: a 400 naming ``spec.param``
+        if it is invalid) and return ``params``. Tool calling builds its constraints through this."""
+        so = StructuredOutputsParams.from_spec(spec, backend)
+        self.check_structured_outputs(so)
+        params.structured_outputs = so
         return params
 
     def check_prompt(self, ids: list[int], params, param: str, max_tokens_param: str = "max_tokens") -> None:

@@ -73,12 +73,36 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class GuidedConfig:
+    """Structured output: the backend a request gets when it names none (``auto``: xgrammar,
+    falling back to outlines for what xgrammar cannot compile), and whether constrained requests
+    use jump-forward decoding (forced text appended as one chunk instead of one step per token)."""
+
+    backend: str = "auto"
+    jump_forward: bool = True
+
+    def __post_init__(self):
+        from tokenmill.guided.params import BACKEND_CHOICES
+
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"structured_output_backend must be one of {', '.join(BACKEND_CHOICES)}, "
+                             f"got {self.backend!r}")
+        if not isinstance(self.jump_forward, bool):
+            raise ValueError(f"jump_forward must be a bool, got {self.jump_forward!r}")
+
+
+#: ``from_kwargs`` names of GuidedConfig's fields (CLI-style).
+_GUIDED_KWARGS = {"structured_output_backend": "backend", "jump_forward": "jump_forward"}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; build it with :meth:`from_kwargs` using CLI-style names."""
 
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    guided: GuidedConfig = field(default_factory=GuidedConfig)
     device: str = "auto"
     seed: int = 0
     #: Run the core's reference ops and attention even where a plugin registered faster ones.
@@ -86,13 +110,15 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
-        """Split flat options (``dtype``, ``block_size``, ``max_num_seqs``...) into the sub-configs."""
+        """Split flat options (``dtype``, ``block_size``, ``max_num_seqs``, ``structured_output_backend``,
+        ``jump_forward``...) into the sub-configs."""
         parts = {}
         for sub in (ModelConfig, CacheConfig, SchedulerConfig):
             names = {f.name for f in fields(sub)}
             parts[sub] = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        guided = {_GUIDED_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _GUIDED_KWARGS}
         top = {k: kwargs.pop(k) for k in list(kwargs) if k in ("device", "seed", "reference_ops")}
         if kwargs:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
         return cls(model=ModelConfig(model=model, **parts[ModelConfig]), cache=CacheConfig(**parts[CacheConfig]),
-                   scheduler=SchedulerConfig(**parts[SchedulerConfig]), **top)
+                   scheduler=SchedulerConfig(**parts[SchedulerConfig]), guided=GuidedConfig(**guided), **top)

@@ -19,7 +19,9 @@ class LLM:
 
     Engine options are keyword arguments named like the CLI flags: ``dtype``,
     ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_memory``,
-    ``block_size``, ``enable_prefix_caching``, ``device``, ``seed``.
+    ``block_size``, ``enable_prefix_caching``, ``device``, ``seed``, ``structured_output_backend``
+    (``auto``, ``xgrammar`` or ``outlines``), ``jump_forward`` (False: constrained requests decode
+    one token per step).
     """
 
     def __init__(self, model: str | None = None, device: str = "auto", tokenizer: str | None = None, **kwargs):
@@ -89,6 +91,11 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 outputs, stops = self.processor.process(self.engine.step())
+                rejected = self.engine.pop_rejected()
+                if rejected:
+                    from tokenmill.guided import GuidedSpecError
+
+                    raise GuidedSpecError(rejected[0][1])
                 for rid, index, stop in stops:
                     self.engine.finish_seq(rid, index, stop)
                 for out in outputs:

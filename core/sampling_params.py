@@ -5,6 +5,8 @@ import copy
 import enum
 from dataclasses import dataclass, field
 
+from tokenmill.guided.params import StructuredOutputsParams
+
 # Below this temperature a request is decoded greedily (as vLLM does).
 _GREEDY_EPS = 1e-5
 
@@ -43,6 +45,9 @@ class SamplingParams:
     - ``logit_bias``: token id -> bias added to the logit, clamped to [-100, 100] (OpenAI);
       keys may be strings holding ints, as JSON sends them.
     - ``skip_special_tokens``, ``spaces_between_special_tokens``, ``detokenize``: detokenizer.
+    - ``structured_outputs``: a :class:`~tokenmill.guided.params.StructuredOutputsParams` (or a
+      dict of its fields) constraining the output to a JSON schema, regex, choice, grammar, any
+      JSON object or structural tag; the sequence ends when the grammar does.
     """
 
     n: int = 1
@@ -66,6 +71,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -85,6 +91,11 @@ class SamplingParams:
                 }
             except (TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from e
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams or a dict, "
+                             f"got {type(self.structured_outputs).__name__}")
         self._verify()
 
     def _verify(self) -> None:

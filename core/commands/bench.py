@@ -1,4 +1,4 @@
-"""``tokenmill bench {throughput,prefix,serve,router}``: side-by-side benchmarks in one run."""
+"""``tokenmill bench {throughput,prefix,serve,structured,router}``: side-by-side benchmarks in one run."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ BENCHES = {
     "throughput": "offline generation throughput on a seeded workload (or --workload W.json), optionally vs HF",
     "prefix": "shared-prefix workloads with prefix caching on and off",
     "serve": "drive a running server with concurrent streaming clients",
+    "structured": "structured output: mask cost at 1/8/32 concurrent, compile time, jump-forward forward passes",
     "router": "multi-tenant chat against N replicas behind SGLang's router, per routing policy",
 }
 

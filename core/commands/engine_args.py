@@ -26,6 +26,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn automatic prefix caching off")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the shared sampling generator")
+    g.add_argument("--structured-output-backend", default="auto", choices=["auto", "xgrammar", "outlines"],
+                   help="guided-decoding backend of requests that name none (auto: xgrammar, then outlines)")
+    g.add_argument("--no-jump-forward", dest="jump_forward", action="store_false",
+                   help="constrained requests decode every forced token with its own step")
     g.add_argument("--reference-ops", action="store_true",
                    help="use the core's reference ops and attention, ignoring plugins' faster ones")
 
@@ -36,4 +40,5 @@ def engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,
-                reference_ops=args.reference_ops)
+                reference_ops=args.reference_ops, structured_output_backend=args.structured_output_backend,
+                jump_forward=args.jump_forward)

@@ -94,9 +94,16 @@ class RunnerOutput:
     ``sampled[seq_id]`` holds ``num_samples`` token ids for each sequence that sampled;
     ``logprobs[seq_id]`` the matching :class:`TokenLogprobs` when the request asked for them;
     ``prompt_logprobs[seq_id]`` the prompt positions covered this step (``None`` for the first token).
+
+    Structured output: ``guided_done`` lists the sequences whose grammar terminated with this
+    step's token (they must end); ``jump[seq_id]`` replaces the sampled token with that token
+    followed by the grammar's forced continuation, tokenized together canonically (jump-forward:
+    the scheduler appends them all and the next step computes them as one chunk).
     """
 
     sampled: dict[int, list[int]] = field(default_factory=dict)
+    guided_done: list[int] = field(default_factory=list)
+    jump: dict[int, list[int]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprobs | None]] = field(default_factory=dict)
     forward_seconds: float = 0.0

@@ -58,6 +58,8 @@ class CoreInfo:
     max_num_seqs: int = 0
     max_num_batched_tokens: int = 0
     tensor_parallel_size: int = 1
+    #: The ``--structured-output-backend`` of requests that name none.
+    structured_output_backend: str = "auto"
 
 
 class CoreStartupError(RuntimeError):
@@ -94,7 +96,8 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
         info = CoreInfo(os.getpid(), engine.platform.name, engine.max_model_len, engine.vocab_size,
                         engine.kv.num_blocks, engine.kv.block_size, engine.num_kv_tokens,
                         engine.runner.backend.name, config.scheduler.max_num_seqs,
-                        config.scheduler.max_num_batched_tokens, getattr(config, "tensor_parallel_size", 1))
+                        config.scheduler.max_num_batched_tokens, getattr(config, "tensor_parallel_size", 1),
+                        config.guided.backend)
     except BaseException as exc:  # report anything, even SystemExit, rather than die silently
         out_conn.send(("startup_error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
@@ -168,6 +171,7 @@ def _loop(engine, cmd_conn, out_conn) -> None:
                 message = f"engine step failed: {type(exc).__name__}: {exc}"
                 events.extend(("rejected", rid, "internal", message) for rid in engine.abort_all())
                 updates = []
+            events.extend(("rejected", rid, "invalid", message) for rid, message in engine.pop_rejected())
             for u in updates:
                 u.new_logprobs = [_wire(lp) for lp in u.new_logprobs]
                 if u.prompt_logprobs is not None:

@@ -94,9 +94,29 @@ class EngineCore:
         self.eos_token_id = hf_config.eos_token_id
         self._stats = EngineStats(num_blocks=num_blocks)
         self._seqs: dict[str, list[Sequence]] = {}
+        #: Constrained requests whose grammar is still compiling (not yet given to the scheduler).
+        self._compiling: list[tuple[Sequence, object]] = []
+        self._rejected: list[tuple[str, str]] = []
+        self._guided = None
         log.info("engine: model %s on %s, %d KV blocks of %d tokens (%d tokens), backend %s, kernels %s",
                  config.model.model, self.platform.name, num_blocks, bs, num_blocks * bs,
                  self.runner.backend.name, self.runner.kernels.providers)
+
+    @property
+    def guided(self):
+        """The structured-output runtime (compiler and matchers), built at the first constrained request."""
+        if self._guided is None:
+            from tokenmill.guided import GuidedCompiler, VocabInfo
+            from tokenmill.guided.runtime import GuidedRuntime
+            from tokenmill.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.config.model.tokenizer or self.config.model.model)
+            eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+            vocab = VocabInfo(tokenizer, self.vocab_size, [e for e in eos if e is not None])
+            self._guided = GuidedRuntime(GuidedCompiler(vocab, self.config.guided.backend),
+                                         self.config.guided.jump_forward)
+            self.runner.guided = self._guided
+        return self._guided
 
     @property
     def num_kv_tokens(self) -> int:
@@ -138,12 +158,45 @@ class EngineCore:
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, max_tokens,
                        eos_token_id=eos, salt=cache_salt, arrival=arrival or time.monotonic())
         seq.pending_forks = params.n - 1
+        so = getattr(params, "structured_outputs", None)
+        # a bad spec raises GuidedSpecError (a ValueError) here; compiling happens off this thread
+        handle = self.guided.compiler.submit(so.spec, so.backend) if so is not None else None
+        if handle is not None and handle.ready and handle.error is not None:
+            raise handle.future.exception()
         self._seqs[request_id] = [seq]
-        self.scheduler.add(seq)
+        if handle is None or handle.ready:
+            self._admit(seq, handle)
+        else:
+            self._compiling.append((seq, handle))
         self._stats.prompt_tokens += len(prompt_token_ids)
+
+    def _admit(self, seq: Sequence, handle) -> None:
+        if handle is not None and handle.error is not None:
+            del self._seqs[seq.request_id]
+            self._rejected.append((seq.request_id, handle.error))
+            return
+        self.scheduler.add(seq)
+
+    def _admit_compiled(self) -> None:
+        """Hand the requests whose grammar finished compiling to the scheduler (in arrival order)."""
+        if not any(h.ready for _, h in self._compiling):
+            return
+        still = []
+        for seq, handle in self._compiling:
+            if handle.ready:
+                self._admit(seq, handle)
+            else:
+                still.append((seq, handle))
+        self._compiling = still
+
+    def pop_rejected(self) -> list[tuple[str, str]]:
+        """``(request_id, reason)`` of accepted requests whose grammar failed to compile (they are gone)."""
+        out, self._rejected = self._rejected, []
+        return out
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free its blocks; unknown ids are ignored."""
+        self._compiling = [(s, h) for s, h in self._compiling if s.request_id != request_id]
         self.scheduler.abort(request_id)
         self._seqs.pop(request_id, None)
 
@@ -169,11 +222,13 @@ class EngineCore:
             del self._seqs[request_id]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._compiling) or self.scheduler.has_unfinished()
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
         t0 = time.perf_counter()
+        if self._compiling:
+            self._admit_compiled()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if plan.finished:
@@ -181,6 +236,8 @@ class EngineCore:
             return []
         result = self.runner.execute(plan)
         touched = self.scheduler.update(plan, result)
+        if result.guided_done or result.jump:
+            self._apply_guided(touched, result)
         updates = []
         for seq, first_new, forked in touched:
             new = seq.token_ids[first_new:]
@@ -201,10 +258,28 @@ class EngineCore:
         self._stats.step_seconds += time.perf_counter() - t0
         return updates
 
+    def _apply_guided(self, touched, result) -> None:
+        """Grammar terminations end their sequences; jump-forward tokens replace the sampled one
+        (the next step computes them as one chunk), cut at the request's length limits."""
+        done = set(result.guided_done)
+        for seq, _, _ in touched:
+            if seq.is_finished:
+                continue
+            if seq.seq_id in done:
+                self.scheduler.finish(seq, FinishReason.STOP)
+                continue
+            jump = result.jump.get(seq.seq_id)
+            if jump:
+                seq.token_ids[-1:] = jump
+                room = min(seq.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+                if room <= 0:
+                    del seq.token_ids[len(seq.token_ids) + room:]
+                    self.scheduler.finish(seq, FinishReason.LENGTH)
+
     def stats(self) -> EngineStats:
         s = self._stats
         s.num_running = len(self.scheduler.running)
-        s.num_waiting = len(self.scheduler.waiting)
+        s.num_waiting = len(self.scheduler.waiting) + len(self._compiling)
         s.kv_usage = self.kv.usage
         s.num_free_blocks = self.kv.num_free_blocks
         s.prefix_queries_tokens = self.kv.stats.queries_tokens

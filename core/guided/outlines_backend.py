@@ -19,6 +19,35 @@ _FORCED_MAX_CANDIDATES = 256
 _FORCED_MAX_TOKENS = MAX_ROLLBACK // 2
 
 
+#: JSON-schema keywords outlines-core's regex builder ignores: refused rather than silently not enforced.
+_UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+               "minProperties", "maxProperties", "patternProperties", "propertyNames", "contains", "not", "if",
+               "dependentRequired", "dependentSchemas")
+
+
+def unenforced_keywords(schema) -> set[str]:
+    """The keywords of ``schema`` (walked through its subschemas) that outlines-core would not enforce."""
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, list):
+            for x in node:
+                walk(x)
+            return
+        if not isinstance(node, dict):
+            return
+        found.update(k for k in _UNENFORCED if k in node)
+        for key in ("properties", "$defs", "definitions"):
+            if isinstance(node.get(key), dict):
+                for sub in node[key].values():
+                    walk(sub)
+        for key in ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf", "allOf"):
+            walk(node.get(key))
+
+    walk(schema)
+    return found
+
+
 def _escape(text: str) -> str:
     return "".join("\\" + c if c in _META else c for c in text)
 
@@ -113,9 +142,13 @@ class OutlinesMatcher(GuidedMatcher):
         return forced.decode("utf-8", errors="ignore") if forced else ""
 
     def fork(self) -> "OutlinesMatcher":
-        import copy
-
-        return OutlinesMatcher(self._c, copy.deepcopy(self._g), list(self._history))
+        # a deep copy of a Guide loses its rollback depth (outlines-core 0.2): replay instead
+        twin = OutlinesMatcher(self._c)
+        for t in self._history:
+            if t not in self._c.eos:
+                twin._g.advance(t, return_tokens=False)
+        twin._history = list(self._history)
+        return twin
 
 
 def _common_prefix(items: list[bytes]) -> bytes:
@@ -172,6 +205,11 @@ class OutlinesBackend(GuidedBackend):
         super().validate(spec)
         import outlines_core as oc
 
+        if spec.kind == "json":
+            missing = unenforced_keywords(spec.loads())
+            if missing:
+                raise GuidedSpecError(f"the outlines backend cannot enforce {', '.join(sorted(missing))} in "
+                                      f"{spec.param} (xgrammar can)", spec.param)
         try:
             oc.Index(spec_regex(spec), _byte_vocabulary())
         except GuidedSpecError:

@@ -8,6 +8,11 @@ from tokenmill.guided.interface import (CompiledGrammar, GuidedBackend, GuidedMa
                                         GuidedSpecError)
 
 
+#: "Any whitespace" in JSON means up to this many whitespace characters in a row (pretty-printing fits;
+#: a model that would pad forever - small ones do - cannot).
+MAX_WHITESPACE_RUN = 16
+
+
 def _grammar_text_is_ebnf(text: str) -> bool:
     return "::=" in text
 
@@ -34,10 +39,13 @@ def _grammar(spec: GuidedSpec):
     import xgrammar as xgr
 
     kind = spec.kind
+    ws = MAX_WHITESPACE_RUN if spec.any_whitespace else None
     if kind == "json":
-        return xgr.Grammar.from_json_schema(spec.value, any_whitespace=spec.any_whitespace, strict_mode=True)
+        return xgr.Grammar.from_json_schema(spec.value, any_whitespace=spec.any_whitespace, strict_mode=True,
+                                            max_whitespace_cnt=ws)
     if kind == "json_object":
-        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace)
+        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,
+                                            max_whitespace_cnt=ws)
     if kind == "regex":
         return xgr.Grammar.from_regex(spec.value)
     if kind == "choice":
