@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.api.errors import bad_request
+from tokenmill.api.fields import check_fields
 from tokenmill.api.protocol import ChatCompletionRequest
 from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 from tokenmill.tokenizer import render_chat
@@ -28,6 +29,7 @@ def _echo(req: ChatCompletionRequest, conversation: list[dict]) -> str:
 
 async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
     srv.check_model(req.model)
+    check_fields(req, "chat.completions")
     srv.log_unknown(req, "chat.completions")
     params = srv.sampling_params(req)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.api.errors import bad_request
+from tokenmill.api.fields import check_fields
 from tokenmill.api.protocol import CompletionRequest
 from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 
@@ -30,6 +31,7 @@ def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, lis
 
 async def create_completion(srv: Serving, req: CompletionRequest):
     srv.check_model(req.model)
+    check_fields(req, "completions")
     srv.log_unknown(req, "completions")
     params = srv.sampling_params(req)
     prompts = _prompts(srv, req)

@@ -350,6 +350,21 @@ def test_errors(server, case):
     assert ok.status_code == 200, ok.text
 
 
+def test_fields_we_cannot_honour_are_400s(server, client):
+    # audio output would change the response; a silent text-only 200 would be a lie (see api/fields.py)
+    r = httpx.post(server.base_url + "/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}})
+    err = assert_error(r, 400)
+    assert err["param"] in ("audio", "modalities") and err["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=MODEL, prompt="a", suffix="b", max_tokens=2)
+    # fields without effect on the output are accepted
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       user="u", metadata={"k": "v"}, service_tier="auto", store=False)
+    assert r.choices[0].message.content is not None
+
+
 def test_invalid_json_and_context_error_code(server):
     r = httpx.post(server.base_url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_error(r, 400)

@@ -1,0 +1,160 @@
+"""Every OpenAI request field of ``/v1/chat/completions`` and ``/v1/completions``, and what we do with it.
+
+A field is **honoured** (it does what OpenAI documents), **accepted without effect** (it does
+not change the output: ``user``, ``metadata``, ``service_tier``, ...), or **refused**: it would
+change the output and we cannot do that, so a request that sets it gets a 400 saying so,
+never a silent 200. Some honoured fields refuse particular values (``modalities`` with
+``"audio"``). :func:`check_fields` is the one place the refusals are enforced; the endpoints
+call it first. ``docs/openai-fields.md`` is generated from this table
+(``python -m tokenmill.api.fields > docs/openai-fields.md``; a test checks it is current).
+
+Fields a request model declares beyond these (vLLM's extensions such as ``top_k``) are
+honoured; the generated page lists them from the request models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tokenmill.api.errors import bad_request
+
+HONOURED, NO_EFFECT, REFUSED = "honoured", "accepted, no effect", "refused (400)"
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One request field: its ``status``, a ``note`` for the docs, and for fields honoured only
+    for some values, ``refuse(value)`` giving the reason a value is refused (None: accepted)."""
+
+    name: str
+    status: str
+    note: str = ""
+    refuse: Callable[[Any], str | None] | None = None
+
+
+def _modalities(value) -> str | None:
+    if isinstance(value, list) and any(m != "text" for m in value):
+        return "only text output is supported; this server cannot produce audio (use modalities [\"text\"])."
+    return None
+
+
+def _verbosity(value) -> str | None:
+    if value not in (None, "medium"):
+        return f"verbosity {value!r} cannot be honoured: this model has no verbosity control."
+    return None
+
+
+def _response_format(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else value
+    if kind not in (None, "text"):
+        return f"response_format type {kind!r} is not supported yet (only 'text')."
+    return None
+
+
+_COMMON = [
+    FieldRule("model", HONOURED, "must name a served model (404 otherwise); may be omitted"),
+    FieldRule("frequency_penalty", HONOURED),
+    FieldRule("presence_penalty", HONOURED),
+    FieldRule("logit_bias", HONOURED, "token id (string) to bias in [-100, 100]"),
+    FieldRule("max_tokens", HONOURED),
+    FieldRule("n", HONOURED),
+    FieldRule("seed", HONOURED, "per-request generator: same seed, same output"),
+    FieldRule("stop", HONOURED),
+    FieldRule("stream", HONOURED),
+    FieldRule("stream_options", HONOURED, "include_usage (and vLLM's continuous_usage_stats)"),
+    FieldRule("temperature", HONOURED),
+    FieldRule("top_p", HONOURED),
+    FieldRule("user", NO_EFFECT, "not used"),
+]
+
+CHAT_FIELDS: list[FieldRule] = [
+    FieldRule("messages", HONOURED, "text content parts only"),
+    *_COMMON,
+    FieldRule("logprobs", HONOURED),
+    FieldRule("top_logprobs", HONOURED, "0 to 20"),
+    FieldRule("max_completion_tokens", HONOURED, "takes precedence over max_tokens"),
+    FieldRule("response_format", HONOURED, "only {\"type\": \"text\"} so far; json_object and json_schema are "
+                                           "refused", _response_format),
+    FieldRule("tools", REFUSED, "tool calling is not supported yet"),
+    FieldRule("tool_choice", REFUSED, "tool calling is not supported yet"),
+    FieldRule("parallel_tool_calls", REFUSED, "tool calling is not supported yet"),
+    FieldRule("functions", REFUSED, "deprecated by OpenAI; send tools"),
+    FieldRule("function_call", REFUSED, "deprecated by OpenAI; send tool_choice"),
+    FieldRule("modalities", HONOURED, "[\"text\"] only; a list with \"audio\" is refused", _modalities),
+    FieldRule("audio", REFUSED, "no audio output"),
+    FieldRule("web_search_options", REFUSED, "no web search"),
+    FieldRule("reasoning_effort", REFUSED, "the served models do not reason (OpenAI refuses it for such models too)"),
+    FieldRule("verbosity", HONOURED, "only \"medium\" (the default); other values are refused", _verbosity),
+    FieldRule("prediction", NO_EFFECT, "predicted outputs only make OpenAI faster; the output is the same"),
+    FieldRule("store", NO_EFFECT, "no completion store is configured"),
+    FieldRule("metadata", NO_EFFECT, "kept only with a store"),
+    FieldRule("service_tier", NO_EFFECT, "one tier"),
+    FieldRule("prompt_cache_key", NO_EFFECT, "prefix caching is automatic (vLLM's cache_salt isolates tenants)"),
+    FieldRule("safety_identifier", NO_EFFECT, "not used"),
+]
+
+COMPLETION_FIELDS: list[FieldRule] = [
+    FieldRule("prompt", HONOURED, "a string, a list of strings, token ids or lists of token ids"),
+    *_COMMON,
+    FieldRule("logprobs", HONOURED, "0 to 20"),
+    FieldRule("echo", HONOURED, "with logprobs, the prompt's logprobs too"),
+    FieldRule("best_of", HONOURED, "only equal to n; best_of > n is refused"),
+    FieldRule("suffix", REFUSED, "no fill-in-the-middle; an empty suffix is accepted",
+              lambda v: "suffix cannot be honoured by this server: no fill-in-the-middle." if v else None),
+]
+
+TABLES = {"chat.completions": CHAT_FIELDS, "completions": COMPLETION_FIELDS}
+
+
+def _value(req, name: str):
+    if name in type(req).model_fields:
+        return getattr(req, name)
+    return (req.model_extra or {}).get(name)
+
+
+def check_fields(req, endpoint: str) -> None:
+    """Raise a 400 naming the field if the request sets a field (or a value) we cannot honour."""
+    for rule in TABLES[endpoint]:
+        if rule.status == NO_EFFECT or (rule.status == HONOURED and rule.refuse is None):
+            continue
+        value = _value(req, rule.name)
+        if value is None:
+            continue
+        reason = rule.refuse(value) if rule.refuse is not None else \
+            f"{rule.name} cannot be honoured by this server: {rule.note}."
+        if reason:
+            raise bad_request(reason if reason.startswith(rule.name) else f"{rule.name}: {reason}", rule.name,
+                              "unsupported_parameter")
+
+
+# -- the generated page ---------------------------------------------------------------------------------
+def _extensions(endpoint: str) -> list[str]:
+    from tokenmill.api.protocol import ChatCompletionRequest, CompletionRequest
+
+    model = ChatCompletionRequest if endpoint == "chat.completions" else CompletionRequest
+    listed = {r.name for r in TABLES[endpoint]}
+    return sorted(n for n in model.model_fields if n not in listed)
+
+
+def render_markdown() -> str:
+    """``docs/openai-fields.md``."""
+    lines = ["# OpenAI request fields", "",
+             "<!-- generated by `python -m tokenmill.api.fields > docs/openai-fields.md`; "
+             "tests/test_api_fields.py checks it is current -->", "",
+             "Every field of OpenAI's request bodies, and what tokenmill does with it. A field that would",
+             "change the output but cannot be honoured is refused with a 400 naming it "
+             "(`code: unsupported_parameter`),",
+             "never ignored. Fields that do not change the output are accepted. Unknown fields are logged",
+             "and ignored.", ""]
+    for endpoint, title in (("chat.completions", "POST /v1/chat/completions"), ("completions", "POST /v1/completions")):
+        lines += [f"## `{title}`", "", "| field | status | notes |", "|---|---|---|"]
+        for r in TABLES[endpoint]:
+            note = r.note.replace("|", "\\|")
+            lines.append(f"| `{r.name}` | {r.status} | {note} |")
+        ext = _extensions(endpoint)
+        lines += ["", "Also honoured (vLLM's extensions): " + ", ".join(f"`{n}`" for n in ext) + ".", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")
