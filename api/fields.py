@@ -44,13 +44,6 @@ def _verbosity(value) -> str | None:
     return None
 
 
-def _response_format(value) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else value
-    if kind not in (None, "text"):
-        return f"response_format type {kind!r} is not supported yet (only 'text')."
-    return None
-
-
 _COMMON = [
     FieldRule("model", HONOURED, "must name a served model (404 otherwise); may be omitted"),
     FieldRule("frequency_penalty", HONOURED),
@@ -73,8 +66,8 @@ CHAT_FIELDS: list[FieldRule] = [
     FieldRule("logprobs", HONOURED),
     FieldRule("top_logprobs", HONOURED, "0 to 20"),
     FieldRule("max_completion_tokens", HONOURED, "takes precedence over max_tokens"),
-    FieldRule("response_format", HONOURED, "only {\"type\": \"text\"} so far; json_object and json_schema are "
-                                           "refused", _response_format),
+    FieldRule("response_format", HONOURED, "text, json_object, json_schema (strict or not: the output follows "
+                                           "the schema)"),
     FieldRule("tools", REFUSED, "tool calling is not supported yet"),
     FieldRule("tool_choice", REFUSED, "tool calling is not supported yet"),
     FieldRule("parallel_tool_calls", REFUSED, "tool calling is not supported yet"),
