@@ -166,6 +166,8 @@ def test_compilation_does_not_block_other_requests(llm):
     (dict(regex="(unclosed"), "structured_outputs.regex", "invalid"),
     (dict(grammar='root ::= "a" |'), "structured_outputs.grammar", "invalid"),
     (dict(choice=[]), "structured_outputs.choice", "non-empty"),
+    # neither library enforces both (xgrammar drops the length, outlines-core the pattern): refused
+    (dict(json={"type": "string", "pattern": "^a+$", "maxLength": 3}), "structured_outputs.json", "cannot enforce"),
 ])
 def test_invalid_specs_raise_naming_the_field(llm, fields, param, match):
     with pytest.raises(GuidedSpecError, match=match) as info:
@@ -176,9 +178,10 @@ def test_invalid_specs_raise_naming_the_field(llm, fields, param, match):
 
 
 @pytest.mark.parametrize("backend", ["xgrammar", "outlines"])
-def test_jump_forward_saves_forward_passes(backend):
+def test_jump_forward_saves_forward_passes_not_tokens(backend):
+    """Forced text is always the canonical tokens: jump-forward only computes them in one pass."""
     fields = dict(json=FIXED, disable_any_whitespace=True, backend=backend)
-    steps = {}
+    runs = {}
     for jf in (False, True):
         llm = LLM(max_num_seqs=8, max_model_len=512, jump_forward=jf, dtype="float32")
         steps0 = llm.stats().steps
@@ -186,8 +189,11 @@ def test_jump_forward_saves_forward_passes(backend):
                                                   temperature=0, max_tokens=150))[0].outputs[0]
         assert out.finish_reason == "stop"
         jsonschema.validate(json.loads(out.text), FIXED)
-        steps[jf] = llm.stats().steps - steps0
-    assert steps[True] <= 0.7 * steps[False], steps  # at least 30% fewer forward passes
+        runs[jf] = (json.loads(out.text), out.token_ids, llm.stats().steps - steps0)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == runs[False][1]
+    assert runs[False][2] == len(runs[False][1])  # off: one forward pass per token
+    assert runs[True][2] <= 0.7 * runs[False][2], runs  # on: at least 30% fewer
 
 
 def test_jump_forward_per_request_switch_and_logprobs(llm):
@@ -201,6 +207,77 @@ def test_jump_forward_per_request_switch_and_logprobs(llm):
                                                   logprobs=lp))[0].outputs[0]
         jsonschema.validate(json.loads(out.text), FIXED)
         runs[name] = (out, llm.stats().steps - steps0)
-    assert runs["on"][1] < runs["off"][1]
+    assert runs["on"][1] < runs["off"][1] == len(runs["off"][0].token_ids)
+    assert runs["on"][0].token_ids == runs["off"][0].token_ids == runs["logprobs"][0].token_ids
     out, steps = runs["logprobs"]
-    assert len(out.logprobs) == len(out.token_ids) == steps  # with logprobs every token is sampled, none forced
+    assert len(out.logprobs) == len(out.token_ids) == steps  # with logprobs every token is sampled
+    # a forced token is the only one its mask allows: probability 1 under the constraint
+    forced = [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]
+    assert sum(1 for x in forced if x == 0.0) >= len(forced) // 2
+
+
+# -- property tests: generated schemas -----------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_KEYS = st.sampled_from(["id", "name", "kind", "size", "ok", "tags", "x", "level", "mode"])
+_LEAVES = st.one_of(
+    st.just({"type": "boolean"}), st.just({"type": "null"}), st.just({"type": "integer"}),
+    st.lists(st.sampled_from(["red", "green", "blue", "a b", "q"]), min_size=1, max_size=3, unique=True)
+      .map(lambda xs: {"enum": xs}),
+    st.integers(1, 6).map(lambda n: {"type": "string", "maxLength": n}),
+    st.integers(1, 6).map(lambda n: {"type": "string", "pattern": f"^[a-z ]{{0,{n}}}$"}),
+)
+
+
+def _object(children):
+    return st.dictionaries(_KEYS, children, min_size=1, max_size=4).map(
+        lambda props: {"type": "object", "properties": props, "required": list(props),
+                       "additionalProperties": False})
+
+
+SCHEMAS = st.recursive(_LEAVES, lambda children: st.one_of(
+    _object(children),
+    st.tuples(children, st.integers(0, 3)).map(lambda t: {"type": "array", "items": t[0], "maxItems": t[1]}),
+), max_leaves=6).filter(lambda s: s.get("type") in ("object", "array"))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(schema=SCHEMAS, backend=st.sampled_from(["xgrammar", "outlines"]), seed=st.integers(0, 1000))
+def test_generated_schemas_output_validates(llm, schema, backend, seed):
+    """Whatever the schema, what the engine writes under it validates against it."""
+    p = _params(dict(json=schema, disable_any_whitespace=True), backend, temperature=1.0, seed=seed, max_tokens=200)
+    out = llm.generate(PROMPT, p)[0].outputs[0]
+    if out.finish_reason == "length":  # an unbounded integer can run long: a valid prefix then
+        assert _accepted(llm, p.structured_outputs, out.token_ids), out.text
+    else:
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def _instances(schema):
+    """Instances of a generated schema: hypothesis-jsonschema draws the leaves (its own object
+    strategy does not run on this hypothesis), objects and arrays are assembled here."""
+    from hypothesis_jsonschema import from_schema
+
+    if schema.get("type") == "object":
+        keys = list(schema["properties"])  # in the schema's order, the order both backends write keys in
+        return st.fixed_dictionaries({k: _instances(v) for k, v in schema["properties"].items()}).map(
+            lambda d: {k: d[k] for k in keys})
+    if schema.get("type") == "array":
+        return st.lists(_instances(schema["items"]), max_size=schema["maxItems"])
+    if schema.get("type") == "string":  # JSON-escapable text only (outlines-core has no \\u escapes)
+        return from_schema(schema).filter(lambda x: x.isascii() and x.isprintable())
+    return from_schema(schema)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data(), schema=SCHEMAS, backend=st.sampled_from(["xgrammar", "outlines"]))
+def test_every_valid_instance_is_accepted(llm, data, schema, backend):
+    """The other direction: any instance of the schema, as json.dumps writes it, is accepted
+    token by token and ends the grammar."""
+    instance = data.draw(_instances(schema))
+    jsonschema.validate(instance, schema)
+    p = _params(dict(json=schema), backend)
+    m = llm.engine.guided.compiler.compile(p.structured_outputs.spec, backend).matcher()
+    ids = llm.tokenizer.encode(json.dumps(instance), add_special_tokens=False)
+    assert all(m.accept_token(t) for t in ids), json.dumps(instance)
+    assert m.accept_token(llm.tokenizer.eos_token_id) and m.is_terminated()

@@ -96,9 +96,9 @@ class RunnerOutput:
     ``prompt_logprobs[seq_id]`` the prompt positions covered this step (``None`` for the first token).
 
     Structured output: ``guided_done`` lists the sequences whose grammar terminated with this
-    step's token (they must end); ``jump[seq_id]`` replaces the sampled token with that token
-    followed by the grammar's forced continuation, tokenized together canonically (jump-forward:
-    the scheduler appends them all and the next step computes them as one chunk).
+    step's token (they must end); ``jump[seq_id]`` replaces the sampled token: that token and
+    the grammar's forced continuation, tokenized together canonically (with jump-forward all of it,
+    which the next step computes as one chunk; else its first token).
     """
 
     sampled: dict[int, list[int]] = field(default_factory=dict)

@@ -105,9 +105,8 @@ class ModelRunner:
                                                      old.generator if old else None)
             if getattr(ns.params, "structured_outputs", None) is not None:
                 # after a preemption the matcher survives if it followed the same tokens; else replay them
-                st.matcher = old.matcher if old is not None and old.matcher is not None \
-                    and old.token_ids == st.token_ids else \
-                    self.guided.matcher(ns.params.structured_outputs, st.token_ids[st.num_prompt_tokens:])
+                keep = old.guided if old is not None and old.token_ids == st.token_ids else None
+                st.guided = self.guided.seq(ns.params, st.token_ids[st.num_prompt_tokens:], keep)
         for item in out.seqs:
             table = self._states[item.seq_id].block_table
             if item.new_blocks or item.blocks_from < len(table):
@@ -199,14 +198,14 @@ class ModelRunner:
             rows.extend((st.params, out_ids, prompt_ids, g, num_generated, st.eos_token_id)
                         for g in st.child_generators)
         batch = SamplingBatch.build(rows, vocab_size=logits.shape[-1], device=logits.device)
-        guided_rows, matchers, row = [], [], 0
+        guided_rows, guided_seqs, row = [], [], 0
         for item, st in items:
-            if st.matcher is not None:
+            if st.guided is not None:
                 guided_rows.extend(range(row, row + item.num_samples))
-                matchers.extend([st.matcher] * item.num_samples)
+                guided_seqs.extend([st.guided] * item.num_samples)
             row += item.num_samples
         if guided_rows:
-            logits = self.guided.mask(logits, guided_rows, matchers, self.kernels.apply_token_bitmask)
+            logits = self.guided.mask(logits, guided_rows, guided_seqs, self.kernels.apply_token_bitmask)
         sout = self.sampler(logits, batch)
         tokens = sout.token_ids()
         lps = sout.row_logprobs()
@@ -221,17 +220,17 @@ class ModelRunner:
                 child = self._states[child_id] = _SeqState(st.request_id, st.index + k, st.token_ids + [toks[k]],
                                                            st.num_prompt_tokens, st.params, st.eos_token_id,
                                                            list(st.block_table), gen)
-                if st.matcher is not None:  # each continuation follows the grammar on its own
-                    child.matcher = st.matcher.fork()
+                if st.guided is not None:  # each continuation follows the grammar on its own
+                    child.guided = st.guided.fork()
                     self._advance_guided(child_id, child, toks[k], result)
             st.child_generators = []
             st.token_ids.append(toks[0])
-            if st.matcher is not None:
+            if st.guided is not None:
                 self._advance_guided(item.seq_id, st, toks[0], result)
 
     def _advance_guided(self, seq_id: int, st: "_SeqState", token: int, result: RunnerOutput) -> None:
         """Advance the sequence's matcher with its sampled token (the last of ``st.token_ids``)."""
-        done, jump = self.guided.advance(st.matcher, token, self.guided.wants_jump(st.params))
+        done, jump = self.guided.advance(st.guided, token)
         if done:
             result.guided_done.append(seq_id)
         elif jump:
@@ -264,5 +263,5 @@ class _SeqState:
     block_table: list[int]
     generator: torch.Generator | None = None
     child_generators: list = field(default_factory=list)
-    #: The structured-output matcher (None: unconstrained).
-    matcher: object = None
+    #: The structured-output state, a GuidedSeq (None: unconstrained).
+    guided: object = None

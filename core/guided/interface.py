@@ -118,6 +118,25 @@ class GuidedSpec:
         return json.loads(self.value)
 
 
+def schema_nodes(schema: Any):
+    """Every subschema of a JSON schema (itself first), for backends checking what they can enforce."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        yield node
+        for key in ("properties", "$defs", "definitions", "patternProperties"):
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf", "allOf", "not", "contains"):
+            if key in node:
+                stack.append(node[key])
+
+
 def _canonical(obj: Any) -> str:
     # key order is kept: a schema's property order is the order the output follows
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)

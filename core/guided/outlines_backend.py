@@ -10,7 +10,7 @@ import functools
 import json
 
 from tokenmill.guided.interface import (MAX_ROLLBACK, CompiledGrammar, GuidedBackend, GuidedMatcher, GuidedSpec,
-                                        GuidedSpecError)
+                                        GuidedSpecError, schema_nodes)
 
 _META = set("\\.^$|?*+()[]{}-&~#")
 #: A state with more allowed tokens than this is not forcing anything worth a walk.
@@ -28,23 +28,10 @@ _UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "mu
 def unenforced_keywords(schema) -> set[str]:
     """The keywords of ``schema`` (walked through its subschemas) that outlines-core would not enforce."""
     found: set[str] = set()
-
-    def walk(node):
-        if isinstance(node, list):
-            for x in node:
-                walk(x)
-            return
-        if not isinstance(node, dict):
-            return
+    for node in schema_nodes(schema):
         found.update(k for k in _UNENFORCED if k in node)
-        for key in ("properties", "$defs", "definitions"):
-            if isinstance(node.get(key), dict):
-                for sub in node[key].values():
-                    walk(sub)
-        for key in ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf", "allOf"):
-            walk(node.get(key))
-
-    walk(schema)
+        if "pattern" in node and ("minLength" in node or "maxLength" in node):
+            found.add("pattern with minLength/maxLength")  # the length wins, the pattern is dropped
     return found
 
 

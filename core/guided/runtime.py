@@ -29,44 +29,67 @@ log = logging.getLogger(__name__)
 MAX_JUMP_TOKENS = MAX_ROLLBACK - 1
 
 
+class GuidedSeq:
+    """One sequence's structured-output state: its matcher and, when forced text is emitted one
+    token per step (jump-forward off), the canonical forced tokens still to come."""
+
+    __slots__ = ("matcher", "chunk", "forced")
+
+    def __init__(self, matcher: GuidedMatcher, chunk: bool, forced: list[int] | None = None):
+        self.matcher = matcher
+        self.chunk = chunk
+        self.forced = forced or []
+
+    def fork(self) -> "GuidedSeq":
+        return GuidedSeq(self.matcher.fork(), self.chunk, list(self.forced))
+
+
 class GuidedRuntime:
-    """The runner's structured-output helper; ``jump_forward`` is the engine-wide default."""
+    """The runner's structured-output helper; ``jump_forward`` is the engine-wide default.
+
+    Forced text is always emitted as the tokenizer's canonical tokens, so jump-forward changes
+    how many forward passes a request takes, never its tokens: on, they are appended at once and
+    computed as one chunk; off (or when the request asks for logprobs, which a token computed
+    inside a chunk has none of), the mask allows only the next forced token at each step.
+    """
 
     def __init__(self, compiler: GuidedCompiler, jump_forward: bool = True):
         self.compiler = compiler
         self.vocab = compiler.vocab
         self.jump_forward = jump_forward
         self._token_bytes = None
-        #: Forced tokens appended by jump-forward (beyond the sampled ones), for benchmarks.
-        self.num_jump_tokens = 0
+        #: Forced tokens appended (beyond the sampled ones), for benchmarks.
+        self.num_forced_tokens = 0
 
-    def matcher(self, so, output_token_ids) -> GuidedMatcher:
-        """A matcher for ``so`` (StructuredOutputsParams) that has accepted ``output_token_ids``."""
+    def seq(self, params, output_token_ids, old: GuidedSeq | None = None) -> GuidedSeq:
+        """The state of a sequence arriving in a ``NewSeq``: ``old`` if given (it followed the same
+        tokens), else a fresh matcher that has accepted ``output_token_ids`` (after a preemption)."""
+        if old is not None:
+            return old
+        so = params.structured_outputs
         handle = self.compiler.submit(so.spec, so.backend)
         m = handle.grammar.matcher()  # the engine admits a sequence only once its grammar is ready
         for i, t in enumerate(output_token_ids):
             if not m.accept_token(t):
                 log.warning("guided: replaying output token %d (position %d) was refused by the grammar", t, i)
                 break
-        return m
-
-    def wants_jump(self, params) -> bool:
-        so = params.structured_outputs
         jf = self.jump_forward if so.jump_forward is None else so.jump_forward
-        # forced tokens have no sampled logprob to report; such requests decode token by token
-        return jf and params.logprobs is None
+        return GuidedSeq(m, jf and params.logprobs is None)
 
-    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list[GuidedMatcher], apply_op) -> torch.Tensor:
-        """``logits`` with rows ``rows`` masked by their matchers' allowed tokens (repeated
-        matchers - the rows of a forking sequence - fill once)."""
+    def mask(self, logits: torch.Tensor, rows: list[int], seqs: list[GuidedSeq], apply_op) -> torch.Tensor:
+        """``logits`` with rows ``rows`` masked by their sequences' allowed tokens (the rows of a
+        forking sequence share one fill; a sequence emitting forced text allows only its next token)."""
         bm = np.zeros((len(rows), self.vocab.bitmask_width), dtype=np.int32)
         first: dict[int, int] = {}
-        for i, m in enumerate(matchers):
-            j = first.setdefault(id(m), i)
-            if j == i:
-                m.fill_bitmask(bm, i)
-            else:
+        for i, gs in enumerate(seqs):
+            j = first.setdefault(id(gs), i)
+            if j != i:
                 bm[i] = bm[j]
+            elif gs.forced:
+                t = gs.forced[0]
+                bm[i, t >> 5] = np.int32(np.uint32(1 << (t & 31)).view(np.int32))
+            else:
+                gs.matcher.fill_bitmask(bm, i)
         mask = torch.from_numpy(bm)
         if len(rows) == logits.shape[0]:
             return apply_op(logits, mask)
@@ -75,23 +98,42 @@ class GuidedRuntime:
         logits[idx] = apply_op(logits[idx], mask)
         return logits
 
-    def advance(self, matcher: GuidedMatcher, token: int, jump: bool) -> tuple[bool, list[int] | None]:
-        """Accept ``token``; returns ``(terminated, jump_tokens)``. ``jump_tokens`` (only with
-        ``jump``) replaces ``token``: it and the forced continuation, canonically tokenized."""
-        if not matcher.accept_token(token):
+    def advance(self, gs: GuidedSeq, token: int) -> tuple[bool, list[int] | None]:
+        """Accept the sampled ``token``; returns ``(terminated, replacement)``: ``replacement``
+        (or None) takes the token's place - the token and the forced continuation, canonically
+        tokenized together (all of it with jump-forward, else its first token)."""
+        m = gs.matcher
+        if gs.forced:
+            expected = gs.forced.pop(0)
+            if token == expected and m.accept_token(token):
+                return False, None
+            gs.forced = []
+            log.warning("guided: forced token %d came out as %d", expected, token)
+            return True, None
+        if not m.accept_token(token):
             # only if the mask was defeated (every token blocked, e.g. by min_tokens): end the sequence
             log.warning("guided: sampled token %d is not allowed by the grammar; ending the sequence", token)
             return True, None
-        if matcher.is_terminated():
+        if m.is_terminated():
             return True, None
-        if not jump:
-            return False, None
-        forced = matcher.forced_continuation()
+        forced = m.forced_continuation()
         if not forced:
             return False, None
-        return False, self._jump(matcher, token, forced)
+        ids = self._jump(m, token, forced)
+        if ids is None:
+            return False, None
+        self.num_forced_tokens += len(ids) - 1
+        if gs.chunk:
+            return False, ids
+        # one token per step: the matcher is ahead by the queued tokens; they are accepted
+        # again as they come out, so rewind to just after the first
+        m.rollback(len(ids) - 1)
+        gs.forced = ids[1:]
+        return False, ids[:1]
 
     def _jump(self, matcher: GuidedMatcher, token: int, forced: str) -> list[int] | None:
+        """Canonical tokens for ``token`` + ``forced``, accepted by ``matcher`` (which then stands
+        after them), or None (matcher unchanged)."""
         tok = self.vocab.tokenizer
         if self._token_bytes is None:
             self._token_bytes = self.vocab.token_bytes()
@@ -119,7 +161,6 @@ class GuidedRuntime:
                     break
                 done += 1
             if done == len(todo) and not matcher.is_terminated():
-                self.num_jump_tokens += len(ids) - 1
                 return ids
             matcher.rollback(done)
             if replaces:

@@ -5,7 +5,7 @@ import json
 import re
 
 from tokenmill.guided.interface import (CompiledGrammar, GuidedBackend, GuidedMatcher, GuidedSpec,
-                                        GuidedSpecError)
+                                        GuidedSpecError, schema_nodes)
 
 
 #: "Any whitespace" in JSON means up to this many whitespace characters in a row (pretty-printing fits;
@@ -122,6 +122,11 @@ class XGrammarBackend(GuidedBackend):
     @classmethod
     def validate(cls, spec: GuidedSpec) -> None:
         super().validate(spec)
+        if spec.kind == "json" and any("pattern" in n and ("minLength" in n or "maxLength" in n)
+                                       for n in schema_nodes(spec.loads())):
+            # xgrammar 0.2 drops the length bounds of a string with a pattern (with a warning)
+            raise GuidedSpecError(f"the xgrammar backend cannot enforce minLength/maxLength together with pattern "
+                                  f"in {spec.param}; put the length in the pattern", spec.param)
         try:
             _grammar(spec)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError/its own errors with the reason
