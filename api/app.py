@@ -36,6 +36,7 @@ class AppSettings:
     model_path: str
     api_key: str | None = None
     max_body_bytes: int = 16 << 20
+    tool_call_parser: str | None = None
 
 
 class _Gate:
@@ -139,7 +140,8 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     """The OpenAI-compatible app serving ``engine``; the engine core's lifetime is the caller's."""
     metrics = metrics or Metrics(settings.model_names[0])
     engine.metrics = metrics
-    srv = Serving(engine, engine.tokenizer, list(settings.model_names), settings.model_path)
+    srv = Serving(engine, engine.tokenizer, list(settings.model_names), settings.model_path,
+                  settings.tool_call_parser)
     started = int(time.time())
 
     @asynccontextmanager

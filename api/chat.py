@@ -7,6 +7,8 @@ from tokenmill.api.errors import bad_request
 from tokenmill.api.fields import check_fields
 from tokenmill.api.protocol import ChatCompletionRequest
 from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
+from tokenmill.api.tool_calls import adjust_params, message, prepare, streamer, template_messages
+from tokenmill.guided.tools import ToolCalling
 from tokenmill.tokenizer import render_chat
 
 
@@ -36,16 +38,23 @@ async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
         conversation = req.conversation()
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
-    text, ids = render(srv, conversation, req.add_generation_prompt, req.continue_final_message,
-                       req.add_special_tokens, req.chat_template, req.chat_template_kwargs)
+    calling = prepare(req, srv.tool_parser)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if calling is not None and calling.tools:
+        kwargs["tools"] = calling.tools
+    text, ids = render(srv, template_messages(conversation), req.add_generation_prompt, req.continue_final_message,
+                       req.add_special_tokens, req.chat_template, kwargs)
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     srv.check_prompt(ids, params, "messages", max_param)
+    params = adjust_params(srv, calling, params)
     sub = srv.submit("chatcmpl", [(text, ids)], params, req.stream, req.cache_salt)
+    echo = _echo(req, conversation)
     if req.stream:
         await srv.accepted(sub)
-        return StreamingResponse(event_stream(srv, sub, _stream(srv, req, sub, _echo(req, conversation))), media_type="text/event-stream")
+        return StreamingResponse(event_stream(srv, sub, _stream(srv, req, sub, echo, calling)),
+                                 media_type="text/event-stream")
     finals = await srv.final_outputs(sub)
-    return JSONResponse(_response(srv, req, sub, finals, _echo(req, conversation)))
+    return JSONResponse(_response(srv, req, sub, finals, echo, calling))
 
 
 def _logprobs(srv: Serving, req: ChatCompletionRequest, c) -> dict | None:
@@ -54,13 +63,19 @@ def _logprobs(srv: Serving, req: ChatCompletionRequest, c) -> dict | None:
     return {"content": srv.chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0)}
 
 
-def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: dict, echo: str) -> dict:
+def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: dict, echo: str,
+              calling: ToolCalling | None) -> dict:
     (out,) = finals.values()
     choices = []
     for c in out.outputs:
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
-                        "logprobs": _logprobs(srv, req, c), "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason})
+        if calling is None:
+            msg, finish_reason = {"role": "assistant", "content": echo + c.text}, c.finish_reason
+        else:
+            msg, finish_reason = message(calling, c.text, c.finish_reason)
+            if echo and msg["content"] is not None:
+                msg["content"] = echo + msg["content"]
+        choices.append({"index": c.index, "message": msg, "logprobs": _logprobs(srv, req, c),
+                        "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     resp = {"id": sub.id, "object": "chat.completion", "created": sub.created,
             "model": req.model or srv.model_name, "choices": choices,
@@ -70,11 +85,12 @@ def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: 
     return resp
 
 
-async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo: str):
+async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo: str, calling: ToolCalling | None):
     head = {"id": sub.id, "object": "chat.completion.chunk", "created": sub.created,
             "model": req.model or srv.model_name}
     counts = [0] * req.n
     finished = set()
+    streams = [streamer(calling) if calling is not None else None for _ in range(req.n)]
 
     def chunk(choices):
         c = {**head, "choices": choices}
@@ -91,9 +107,15 @@ async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo
             if c.index in finished or not (c.text or c.token_ids or c.finish_reason):
                 continue
             counts[c.index] += len(c.token_ids)
-            delta = {"content": c.text} if c.text or c.finish_reason is None else {}
+            finish_reason = c.finish_reason
+            if streams[c.index] is not None:
+                delta, finish_reason = streams[c.index].delta(c.text, c.finish_reason)
+                if not delta and finish_reason is None and not req.logprobs:
+                    continue  # text held back while the parser decides (it comes with a later delta)
+            else:
+                delta = {"content": c.text} if c.text or c.finish_reason is None else {}
             choice = {"index": c.index, "delta": delta, "logprobs": _logprobs(srv, req, c),
-                      "finish_reason": c.finish_reason}
+                      "finish_reason": finish_reason}
             if c.finish_reason is not None:
                 choice["stop_reason"] = c.stop_reason
                 finished.add(c.index)

@@ -61,16 +61,18 @@ _COMMON = [
 ]
 
 CHAT_FIELDS: list[FieldRule] = [
-    FieldRule("messages", HONOURED, "text content parts only"),
+    FieldRule("messages", HONOURED, "system, user, assistant (with tool_calls) and tool messages; text content "
+                                    "parts only"),
     *_COMMON,
     FieldRule("logprobs", HONOURED),
     FieldRule("top_logprobs", HONOURED, "0 to 20"),
     FieldRule("max_completion_tokens", HONOURED, "takes precedence over max_tokens"),
     FieldRule("response_format", HONOURED, "text, json_object, json_schema (strict or not: the output follows "
                                            "the schema)"),
-    FieldRule("tools", REFUSED, "tool calling is not supported yet"),
-    FieldRule("tool_choice", REFUSED, "tool calling is not supported yet"),
-    FieldRule("parallel_tool_calls", REFUSED, "tool calling is not supported yet"),
+    FieldRule("tools", HONOURED, "function tools, rendered by the chat template (docs/tool-calling.md)"),
+    FieldRule("tool_choice", HONOURED, "none, auto (parsed by --tool-call-parser), required and a named function "
+                                       "(both grammar-constrained)"),
+    FieldRule("parallel_tool_calls", HONOURED, "false: at most one call"),
     FieldRule("functions", REFUSED, "deprecated by OpenAI; send tools"),
     FieldRule("function_call", REFUSED, "deprecated by OpenAI; send tool_choice"),
     FieldRule("modalities", HONOURED, "[\"text\"] only; a list with \"audio\" is refused", _modalities),

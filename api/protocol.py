@@ -216,6 +216,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # tool calling (checked by tokenmill.guided.tools)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         if self.top_logprobs is not None:

@@ -44,7 +44,8 @@ def run_server(args) -> int:
             print(f"tokenmill serve: error: {exc}", file=sys.stderr, flush=True)
             return 1
         engine = AsyncEngine(core, tokenizer)
-        app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes))
+        app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes,
+                                            args.tool_call_parser))
         info = core.info
         print(f"tokenmill serve: model {names[0]} ({model}) on {info.platform}, KV cache {info.num_kv_tokens:,} "
               f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "

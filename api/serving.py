@@ -75,7 +75,10 @@ def model_sampling_defaults(model_path: str) -> dict:
 class Serving:
     """Per-server state and helpers for the OpenAI endpoints."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer, model_names: list[str], model_path: str):
+    def __init__(self, engine: AsyncEngine, tokenizer, model_names: list[str], model_path: str,
+                 tool_parser: str | None = None):
+        from tokenmill.guided.tool_parsers import default_tool_parser, get_tool_parser
+
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_names = model_names
@@ -86,6 +89,9 @@ class Serving:
         self.sampling_defaults = model_sampling_defaults(model_path)
         self.structured_output_backend = getattr(engine.info, "structured_output_backend", "auto")
         self._guided_classes = None
+        #: ``--tool-call-parser`` (default: the format the chat template asks for), read for tool_choice auto.
+        self.tool_parser = tool_parser or default_tool_parser(getattr(tokenizer, "chat_template", None))
+        get_tool_parser(self.tool_parser)  # an unknown name fails at start-up, not per request
 
     @property
     def model_name(self) -> str:

@@ -66,15 +66,43 @@ class LLM:
         return self._run(order, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
-             chat_template: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Render one conversation (a list of ``{"role", "content"}``) or a list of them and generate."""
+             chat_template: str | None = None, use_tqdm: bool = False, tools: list[dict] | None = None,
+             tool_choice=None, parallel_tool_calls: bool | None = None,
+             tool_parser: str | None = None) -> list[RequestOutput]:
+        """Render one conversation (a list of ``{"role", "content"}``) or a list of them and generate.
+
+        With ``tools`` (OpenAI function tools) and ``tool_choice`` (``none``, ``auto``, ``required``
+        or ``{"type": "function", "function": {"name": ...}}``) as on the server: the tools go to
+        the chat template, ``required`` / named choices constrain the output, and each
+        completion's ``tool_calls`` holds the parsed calls (``tool_parser``: default the format
+        the chat template uses). Invalid tools raise ``ValueError``.
+        """
+        import dataclasses
+
+        from tokenmill.guided.params import StructuredOutputsParams
+        from tokenmill.guided.tool_parsers import default_tool_parser
+        from tokenmill.guided.tools import ToolCalling, history_for_template
+
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        calling = ToolCalling.build(tools, tool_choice, parallel_tool_calls,
+                                    tool_parser or default_tool_parser(self.tokenizer.chat_template))
+        params = sampling_params or SamplingParams()
+        if calling is not None and calling.spec() is not None:
+            if params.structured_outputs is not None:
+                raise ValueError("tool_choice required or named constrains the output; drop structured_outputs")
+            params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams.from_spec(calling.spec()))
+        kwargs = {"tools": calling.tools} if calling is not None and calling.tools else {}
         prompts = []
         for conv in conversations:
-            text = render_chat(self.tokenizer, conv, add_generation_prompt=add_generation_prompt,
-                               chat_template=chat_template)
+            text = render_chat(self.tokenizer, history_for_template(conv), add_generation_prompt=add_generation_prompt,
+                               chat_template=chat_template, **kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        if calling is not None and calling.reader is not None:
+            for out in outs:
+                for c in out.outputs:
+                    c.tool_calls = calling.parse(c.text).tool_calls
+        return outs
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -28,6 +28,8 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    #: ``LLM.chat`` with tools (not ``none``): the parsed :class:`~tokenmill.guided.tool_parsers.ToolCall` s.
+    tool_calls: list | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -63,9 +63,31 @@ import sysconfig
 import time
 from pathlib import Path
 
+# Without tools this renders <s>ROLE\nCONTENT</s>\n per message (what the model was trained on);
+# with tools= it adds a Hermes-style tools block, <tool_call> JSON for assistant tool calls and
+# <tool_response> for tool messages (tokenmill's default tool-call parser reads that format).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    "{% if tools %}<s>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n\nYou may call one or more functions to assist with the user query. The function signatures are within <tools></tools> XML tags:\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n"
+    "{% endfor %}</tools>\n\nFor each function call, return a JSON object with the function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call></s>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if not (tools and loop.first and m['role'] == 'system') %}<s>{{ m['role'] }}\n"
+    "{% if m['role'] == 'tool' %}<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "{% else %}{{ m['content'] }}"
+    "{% endif %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] is defined and m['tool_calls'] %}"
+    "{% for c in m['tool_calls'] %}"
+    "{% if m['content'] or not loop.first %}\n"
+    "{% endif %}<tool_call>\n{\"name\": {{ c['function']['name'] | tojson }}, \"arguments\": {{ c['function']['arguments'] | tojson }}}\n</tool_call>"
+    "{% endfor %}"
+    "{% endif %}</s>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n"
+    "{% endif %}"
 )
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
 BOS, EOS, UNK, PAD = 0, 1, 2, 3

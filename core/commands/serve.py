@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the engine to load (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    from tokenmill.guided.tool_parsers import TOOL_PARSERS
+
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool_choice 'auto' reads tool calls from the output (default: the format the chat "
+                        "template uses; hermes for the bundled model)")
     add_engine_arguments(p)
     from tokenmill.commands.router import add_router_arguments
 
