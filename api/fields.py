@@ -69,7 +69,8 @@ CHAT_FIELDS: list[FieldRule] = [
     FieldRule("max_completion_tokens", HONOURED, "takes precedence over max_tokens"),
     FieldRule("response_format", HONOURED, "text, json_object, json_schema (strict or not: the output follows "
                                            "the schema)"),
-    FieldRule("tools", HONOURED, "function tools, rendered by the chat template (docs/tool-calling.md)"),
+    FieldRule("tools", HONOURED, "function tools, rendered by the chat template; strict: true constrains the "
+                                 "calls auto makes (docs/tool-calling.md)"),
     FieldRule("tool_choice", HONOURED, "none, auto (parsed by --tool-call-parser), required and a named function "
                                        "(both grammar-constrained)"),
     FieldRule("parallel_tool_calls", HONOURED, "false: at most one call"),

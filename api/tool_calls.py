@@ -22,17 +22,18 @@ def message(calling: ToolCalling, text: str, finish_reason: str | None) -> tuple
 
 
 def streamer(calling: ToolCalling) -> "ChoiceStream | None":
-    return None if calling.reader is None else ChoiceStream(calling.reader.streamer(), calling.choice.parallel)
+    return None if calling.reader is None else ChoiceStream(calling)
 
 
 class ChoiceStream:
     """One streamed choice: text deltas in, ``delta`` dicts out."""
 
-    def __init__(self, streamer: ToolStreamer, parallel: bool):
-        self.streamer, self.parallel = streamer, parallel
+    def __init__(self, calling: ToolCalling):
+        self.calling, self.parallel = calling, calling.choice.parallel
+        self.streamer: ToolStreamer = calling.reader.streamer()
 
     def delta(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        content, pieces = self.streamer.feed(text, final=finish_reason is not None)
+        content, pieces = self.streamer.feed(self.calling.clean(text), final=finish_reason is not None)
         if not self.parallel:
             pieces = [p for p in pieces if p["index"] == 0]
         delta: dict = {}
@@ -68,11 +69,14 @@ def adjust_params(srv, calling: ToolCalling | None, params):
         return params
     spec = calling.spec()
     if spec is not None:
+        param, what = ("tool_choice", f"tool_choice {calling.choice.mode!r}") if calling.choice.constrained \
+            else ("tools", "a strict tool")
         if params.structured_outputs is not None:
-            raise bad_request(f"tool_choice {calling.choice.mode!r} constrains the output itself; it cannot be "
-                              f"combined with response_format or structured_outputs.", "tool_choice")
+            raise bad_request(f"{what} constrains the output itself; it cannot be combined with response_format or "
+                              f"structured_outputs.", param)
         params = srv.constrain(params, spec)
-    special = set(getattr(srv.tokenizer, "all_special_tokens", []) or [])
+    special = list(getattr(srv.tokenizer, "all_special_tokens", []) or [])
     if params.skip_special_tokens and any(m in special for m in calling.reader.markers):
         params = dataclasses.replace(params, skip_special_tokens=False)
+        calling.drop = tuple(t for t in special if t not in calling.reader.markers)
     return params

@@ -282,3 +282,66 @@ def test_llm_chat_constrained(llm, choice):
     assert plain.outputs[0].tool_calls is None
     with pytest.raises(ValueError, match="not in tools"):
         llm.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+# -- strict tools under auto: the parser's structural tag ------------------------------------------------------
+STRICT = [{**WEATHER, "function": {**WEATHER["function"], "strict": True}}, CLOCK]
+
+
+def _accepts(matcher, tokenizer, text) -> bool:
+    return all(matcher.accept_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("parser,good,bad", [
+    ("hermes", 'Let me see. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>',
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"'),
+    ("llama3_json", '{"name": "get_time", "parameters": {"zone": "UTC"}}',
+     '{"name": "get_time", "parameters": {"zone": "PST"'),
+])
+def test_strict_tools_constrain_the_calls_auto_makes(tokenizer, parser, good, bad):
+    from tokenmill.guided import GuidedCompiler, VocabInfo
+
+    calling = ToolCalling.build(STRICT, "auto", None, parser)
+    spec = calling.spec()
+    assert spec.kind == "structural_tag" and spec.param == "tools"
+    compiler = GuidedCompiler(VocabInfo(tokenizer, 4096, [tokenizer.eos_token_id]))
+    try:
+        grammar = compiler.compile(spec)
+        assert _accepts(grammar.matcher(), tokenizer, good)
+        assert not _accepts(grammar.matcher(), tokenizer, bad)  # "Lima"/"PST" are not in the enum
+        assert _accepts(grammar.matcher(), tokenizer, "free text without a call")
+    finally:
+        compiler.close()
+    parsed = calling.parse(good)
+    assert [c.name for c in parsed.tool_calls] == [good.split('"name": "')[1].split('"')[0]]
+    with pytest.raises(ValueError, match="strict"):
+        ToolCalling.build(STRICT, "auto", None, "mistral")
+    assert ToolCalling.build(STRICT, "none", None, "hermes").spec() is None
+
+
+def test_strict_auto_over_http(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=STRICT, max_tokens=24, temperature=0)
+    for call in r.choices[0].message.tool_calls or []:
+        jsonschema.validate(json.loads(call.function.arguments), _schema(call.function.name))
+    with pytest.raises(openai.BadRequestError, match="strict tool"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=STRICT, max_tokens=2,
+                                       response_format={"type": "json_object"})
+
+
+def test_special_token_markers_are_kept_then_dropped():
+    from tokenmill import SamplingParams
+    from tokenmill.api.tool_calls import adjust_params
+
+    class Tok:
+        all_special_tokens = ["<s>", "</s>", "[TOOL_CALLS]"]
+
+    class Srv:
+        tokenizer = Tok()
+
+    calling = ToolCalling.build(TOOLS, "auto", None, "mistral")
+    params = adjust_params(Srv(), calling, SamplingParams(max_tokens=8))
+    assert params.skip_special_tokens is False and calling.drop == ("<s>", "</s>")
+    msg, finish = message(calling, OUTPUTS["mistral"] + "</s>", "stop")
+    assert msg["content"] == "Checking." and len(msg["tool_calls"]) == 2 and finish == "tool_calls"
+    hermes = ToolCalling.build(TOOLS, "auto", None, "hermes")  # its markers are not special here: unchanged
+    assert adjust_params(Srv(), hermes, SamplingParams(max_tokens=8)).skip_special_tokens is True

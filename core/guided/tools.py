@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.guided.interface import GuidedSpec, GuidedSpecError
-from tokenmill.guided.tool_parsers.base import (CallRegion, ParsedToolOutput, Segment, ToolParser, scan_call_array,
-                                                skip_ws)
+from tokenmill.guided.tool_parsers.base import (CallRegion, ParsedToolOutput, Segment, ToolParser, parameters_schema,
+                                                scan_call_array, skip_ws)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Largest number of tools a request may declare (OpenAI's limit).
@@ -56,6 +56,10 @@ class ToolCalling:
     tools: list[dict]
     choice: ToolChoice
     reader: ToolParser | None
+    #: ``auto`` with a ``strict`` tool: the parser's structural tag constrains each call the model starts.
+    strict_tag: dict | None = None
+    #: Special-token texts to drop from the output before parsing (see :meth:`clean`).
+    drop: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | None = None,
@@ -65,11 +69,30 @@ class ToolCalling:
             return None
         checked = check_tools(tools)
         choice = resolve_tool_choice(tool_choice, checked, parallel_tool_calls)
-        return cls(checked, choice, output_parser(choice, tool_parser))
+        reader = output_parser(choice, tool_parser)
+        tag = None
+        strict = [i for i, t in enumerate(checked) if t["function"].get("strict") is True]
+        if choice.mode == "auto" and strict:
+            tag = reader.structural_tag(checked)
+            if tag is None:
+                raise ToolError(f"tools[{strict[0]}].function.strict needs a tool-call format that can be constrained "
+                                f"(hermes, llama3_json); the {tool_parser} parser's cannot", "tools")
+        return cls(checked, choice, reader, tag)
 
     def spec(self) -> GuidedSpec | None:
-        """The constraint for ``required`` / named choices (None otherwise)."""
-        return constraint_spec(self.tools, self.choice) if self.choice.constrained else None
+        """The constraint: JSON for ``required`` / named choices, the parser's structural tag for
+        ``auto`` with ``strict`` tools, None otherwise."""
+        if self.choice.constrained:
+            return constraint_spec(self.tools, self.choice)
+        if self.strict_tag is not None:
+            return GuidedSpec.structural_tag(self.strict_tag, param="tools")
+        return None
+
+    def clean(self, text: str) -> str:
+        """``text`` without the special tokens kept only so that the parser sees its markers."""
+        for tok in self.drop:
+            text = text.replace(tok, "")
+        return text
 
     def parse(self, text: str) -> ParsedToolOutput:
         """Complete output as content and calls (at most one when parallel calls are off). A
@@ -77,7 +100,7 @@ class ToolCalling:
         all of it is returned as content."""
         if self.reader is None:
             return ParsedToolOutput(text, [])
-        parsed = self.reader.parse(text)
+        parsed = self.reader.parse(self.clean(text))
         calls = parsed.tool_calls if self.choice.parallel else parsed.tool_calls[:1]
         if self.choice.constrained:
             return ParsedToolOutput(None if calls else text, calls)
@@ -155,8 +178,7 @@ def resolve_tool_choice(tool_choice: Any, tools: list[dict], parallel_tool_calls
                     "{\"name\": ...}}", "tool_choice")
 
 
-def _parameters(tool: dict) -> dict:
-    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
+_parameters = parameters_schema
 
 
 def constraint_schema(tools: list[dict], choice: ToolChoice) -> dict:

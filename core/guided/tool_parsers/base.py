@@ -97,6 +97,13 @@ class ToolParser(ABC):
         marker is held back (left out). With ``final`` True the text is complete.
         """
 
+    def structural_tag(self, tools: list[dict]) -> dict | None:
+        """A structural tag (vLLM's ``{"structures", "triggers"}`` form) that lets the model write
+        freely but constrains each call it starts, in this format, to one of ``tools`` with
+        arguments valid under that tool's schema; None if the format cannot be constrained so
+        (``strict`` tools are then refused with this parser)."""
+        return None
+
     def parse(self, text: str) -> ParsedToolOutput:
         """Complete output: content (outside the calls, stripped) and the complete calls."""
         content, calls = [], []
@@ -166,6 +173,11 @@ class ToolStreamer:
         new = joined[self._content_sent:]
         self._content_sent = max(self._content_sent, len(joined))
         return new, [pieces[i] for i in sorted(pieces)]
+
+
+def parameters_schema(tool: dict) -> dict:
+    """A function tool's parameters schema (an empty object schema when it declares none)."""
+    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
 
 
 # -- shared scanning ----------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 with content around them."""
 from __future__ import annotations
 
-from tokenmill.guided.tool_parsers.base import (CallRegion, Segment, ToolParser, held_back, scan_object, skip_ws,
-                                                split_at_marker)
+import json
+
+from tokenmill.guided.tool_parsers.base import (CallRegion, Segment, ToolParser, held_back, parameters_schema,
+                                                scan_object, skip_ws, split_at_marker)
 
 BEGIN, END = "<tool_call>", "</tool_call>"
 
@@ -11,6 +13,11 @@ BEGIN, END = "<tool_call>", "</tool_call>"
 class HermesToolParser(ToolParser):
     name = "hermes"
     markers = (BEGIN, END)
+
+    def structural_tag(self, tools: list[dict]) -> dict | None:
+        return {"structures": [{"begin": f'{BEGIN}\n{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
+                                "schema": parameters_schema(t), "end": f"}}\n{END}"} for t in tools],
+                "triggers": [BEGIN]}
 
     def scan(self, text: str, final: bool) -> list[Segment]:
         segments: list[Segment] = []

@@ -2,7 +2,10 @@
 ``"arguments"``), optionally after ``<|python_tag|>``; several calls are separated by ``;``."""
 from __future__ import annotations
 
-from tokenmill.guided.tool_parsers.base import CallRegion, Segment, ToolParser, held_back, scan_object, skip_ws
+import json
+
+from tokenmill.guided.tool_parsers.base import (CallRegion, Segment, ToolParser, held_back, parameters_schema,
+                                                scan_object, skip_ws)
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -10,6 +13,11 @@ PYTHON_TAG = "<|python_tag|>"
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     markers = (PYTHON_TAG,)
+
+    def structural_tag(self, tools: list[dict]) -> dict | None:
+        return {"structures": [{"begin": f'{{"name": {json.dumps(t["function"]["name"])}, "parameters": ',
+                                "schema": parameters_schema(t), "end": "}"} for t in tools],
+                "triggers": ['{"name": ']}
 
     def scan(self, text: str, final: bool) -> list[Segment]:
         i = skip_ws(text, 0)
