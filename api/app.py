@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.api.async_engine import AsyncEngine
 from tokenmill.api.chat import create_chat_completion, render
 from tokenmill.api.completions import create_completion
-from tokenmill.api.errors import bad_request, error_body, install_error_handlers
+from tokenmill.api.errors import SafeJSONResponse, bad_request, error_body, install_error_handlers
 from tokenmill.api.metrics import CONTENT_TYPE, Metrics
 from tokenmill.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tokenmill.api.serving import Serving
@@ -37,6 +37,7 @@ class AppSettings:
     api_key: str | None = None
     max_body_bytes: int = 16 << 20
     tool_call_parser: str | None = None
+    max_n: int = 128
 
 
 class _Gate:
@@ -141,7 +142,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     metrics = metrics or Metrics(settings.model_names[0])
     engine.metrics = metrics
     srv = Serving(engine, engine.tokenizer, list(settings.model_names), settings.model_path,
-                  settings.tool_call_parser)
+                  settings.tool_call_parser, max_n=settings.max_n)
     started = int(time.time())
 
     @asynccontextmanager
@@ -149,7 +150,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
         engine.start()
         yield
 
-    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, default_response_class=SafeJSONResponse)
     app.state.serving = srv
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -168,7 +169,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": started, "owned_by": "tokenmill", "root": settings.model_path,
+            {"id": name, "object": "model", "created": started, "owned_by": "tokenmill", "root": name,
              "parent": None, "max_model_len": srv.max_model_len} for name in settings.model_names]}
 
     @app.post("/v1/completions")

@@ -44,8 +44,7 @@ async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
         kwargs["tools"] = calling.tools
     text, ids = render(srv, template_messages(conversation), req.add_generation_prompt, req.continue_final_message,
                        req.add_special_tokens, req.chat_template, kwargs)
-    max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    srv.check_prompt(ids, params, "messages", max_param)
+    srv.check_prompt(ids, params, "messages", req.max_tokens_param)
     params = adjust_params(srv, calling, params)
     sub = srv.submit("chatcmpl", [(text, ids)], params, req.stream, req.cache_salt)
     echo = _echo(req, conversation)

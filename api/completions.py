@@ -36,7 +36,7 @@ async def create_completion(srv: Serving, req: CompletionRequest):
     params = srv.sampling_params(req)
     prompts = _prompts(srv, req)
     for _, ids in prompts:
-        srv.check_prompt(ids, params, "prompt")
+        srv.check_prompt(ids, params, "prompt", req.max_tokens_param)
     sub = srv.submit("cmpl", prompts, params, req.stream, req.cache_salt)
     if req.stream:
         await srv.accepted(sub)

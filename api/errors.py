@@ -1,7 +1,8 @@
 """Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Every failure the server reports goes through :class:`APIError` or one of the handlers
-installed by :func:`install_error_handlers`; a 500 never carries a traceback.
+installed by :func:`install_error_handlers`; a 500 never carries a traceback. Responses are
+encoded by :class:`SafeJSONResponse`, which cannot fail on text that is not valid Unicode.
 """
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response whose encoding never fails: a lone surrogate that reached a message
+    (a client's text echoed back) is written as its ``\\uXXXX`` escape instead of raising."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -37,7 +47,7 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.status, self.message, self.param, self.code), self.status,
+        return SafeJSONResponse(error_body(self.status, self.message, self.param, self.code), self.status,
                             headers=self.headers)
 
     def sse(self) -> str:
@@ -68,6 +78,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
+    if first.get("type") == "lone_surrogate":
+        return first["msg"], first["ctx"]["param"]
     # Unions report one error per member; name the field once.
     param = loc[0] if loc else None
     where = ".".join(loc) if loc else "body"
@@ -82,14 +94,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(400, message, param), 400)
+        return SafeJSONResponse(error_body(400, message, param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
+        return SafeJSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("internal error while serving %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal server error"), 500)
+        return SafeJSONResponse(error_body(500, "internal server error"), 500)

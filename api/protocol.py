@@ -3,15 +3,76 @@
 Only types are checked here; value ranges are checked by
 :class:`tokenmill.sampling_params.SamplingParams` so that the server and the offline API
 agree. Unknown fields are kept (``extra="allow"``) so the server can log and ignore them.
+Every request body derives from :class:`APIRequest`, which refuses strings that are not
+valid Unicode (lone surrogate escapes such as ``"\\ud800"``) wherever they occur.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+import json
+import re
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 from tokenmill.guided.params import StructuredOutputsParams
 from tokenmill.sampling_params import SamplingParams
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_text(s: str) -> bool:
+    return not s.isascii() and _SURROGATE.search(s) is not None
+
+
+def find_lone_surrogate(data: Any) -> tuple | None:
+    """The path (keys and indexes) of the first string, value or key, in decoded JSON ``data``
+    that holds a lone surrogate, or None. JSON's ``\\uXXXX`` escapes (and Python's json
+    module) let them through, but no tokenizer, encoder or log can take them."""
+    try:  # one pass in C over the whole body; the walk below only runs to find the place
+        text = json.dumps(data, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):  # objects json cannot take: walk them
+        text = None
+    if text is not None and not _bad_text(text):
+        return None
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, str):
+            if _bad_text(obj):
+                return path
+        elif isinstance(obj, dict):
+            for k in obj:
+                if isinstance(k, str) and _bad_text(k):
+                    return (*path, k)
+            stack.extend((v, (*path, k)) for k, v in reversed(obj.items()) if isinstance(v, (str, list, dict)))
+        elif isinstance(obj, list):
+            stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(obj))) if isinstance(v, (str, list, dict)))
+    return None
+
+
+class APIRequest(BaseModel):
+    """Base of every request body: extra fields kept, and no invalid Unicode anywhere.
+
+    A lone surrogate is refused as a ``lone_surrogate`` validation error whose context
+    names the top-level field (``param``) and the full path (``where``).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = find_lone_surrogate(data)
+        if path is not None:
+            # The path itself may hold the bad key: escape it, or the error could not be rendered either.
+            names = [str(p).encode("utf-8", "backslashreplace").decode() for p in path]
+            raise PydanticCustomError(
+                "lone_surrogate", "{where}: the text contains a lone surrogate (\\ud800-\\udfff), which is not "
+                "valid Unicode; send UTF-8 text",
+                {"where": ".".join(names) or "body", "param": names[0] if path and isinstance(path[0], str) else None})
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -21,10 +82,8 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(APIRequest):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = 1
@@ -45,7 +104,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -63,6 +122,11 @@ class _SamplingFields(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the generation limit came from (errors about it name that field)."""
+        return "max_tokens"
 
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
                 defaults: dict | None = None) -> SamplingParams:
@@ -167,7 +231,21 @@ def _or(value, default):
     return default if value is None else value
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+def _prompt_kind(value: Any) -> str:
+    """Which prompt form a value is, judged by its first element: validating a 2M-id list
+    against every member of the union would cost seconds (and an error per element)."""
+    if not isinstance(value, list) or not value:
+        return "ids" if isinstance(value, list) else "text"
+    first = value[0]
+    return "texts" if isinstance(first, str) else "batch_ids" if isinstance(first, list) else "ids"
+
+
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+PromptType = Annotated[Union[Annotated[str, Tag("text")],
+                             Annotated[list[str], Field(fail_fast=True), Tag("texts")],
+                             Annotated[TokenIds, Tag("ids")],
+                             Annotated[list[TokenIds], Field(fail_fast=True), Tag("batch_ids")]],
+                       Discriminator(_prompt_kind)]
 
 
 class CompletionRequest(_SamplingFields):
@@ -189,10 +267,14 @@ class CompletionRequest(_SamplingFields):
         prompt_lp = self.prompt_logprobs
         if prompt_lp is None and self.echo and self.logprobs is not None:
             prompt_lp = self.logprobs  # echo + logprobs also scores the prompt (lm-eval's loglikelihood)
-        max_tokens = self.max_tokens
-        if "max_tokens" not in self.model_fields_set and self.max_completion_tokens is not None:
-            max_tokens = self.max_completion_tokens
+        max_tokens = self.max_completion_tokens if self.max_tokens_param == "max_completion_tokens" else self.max_tokens
         return self._params(max_tokens, self.logprobs, prompt_lp, defaults)
+
+    @property
+    def max_tokens_param(self) -> str:
+        if "max_tokens" not in self.model_fields_set and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "max_tokens"
 
 
 class ChatMessage(BaseModel):
@@ -231,6 +313,10 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._params(max_tokens, logprobs, self.prompt_logprobs, defaults)
 
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def conversation(self) -> list[dict]:
         """The messages as plain dicts for the chat template; text parts are joined."""
         out = []
@@ -250,10 +336,8 @@ class ChatCompletionRequest(_SamplingFields):
         return out
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(APIRequest):
     """``POST /tokenize``: a ``prompt`` or chat ``messages``."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     prompt: str | None = None
@@ -263,11 +347,9 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(APIRequest):
     """``POST /detokenize``."""
 
-    model_config = ConfigDict(extra="allow")
-
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 

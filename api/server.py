@@ -23,6 +23,8 @@ def run_server(args) -> int:
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     if args.max_body_bytes <= 0:
         raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    if args.max_n < 1:
+        raise ValueError(f"--max-n must be at least 1, got {args.max_n}")
     config = EngineConfig.from_kwargs(model, tokenizer=args.tokenizer, served_model_name=names[0],
                                       max_waiting=args.max_waiting, **engine_kwargs(args))
     # The core loads the model while this process loads the tokenizer (both import torch).
@@ -45,7 +47,7 @@ def run_server(args) -> int:
             return 1
         engine = AsyncEngine(core, tokenizer)
         app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes,
-                                            args.tool_call_parser))
+                                            args.tool_call_parser, max_n=args.max_n))
         info = core.info
         print(f"tokenmill serve: model {names[0]} ({model}) on {info.platform}, KV cache {info.num_kv_tokens:,} "
               f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "

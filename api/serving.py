@@ -23,7 +23,7 @@ MAX_LOGPROBS = 20
 _SAMPLING_FIELDS = {
     "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k", "min_p",
     "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "logit_bias",
-    "top_logprobs", "best_of", "suffix", "cache_salt", "max_completion_tokens",
+    "top_logprobs", "best_of", "suffix", "cache_salt", "max_completion_tokens", "stream_options",
 }
 
 
@@ -76,10 +76,11 @@ class Serving:
     """Per-server state and helpers for the OpenAI endpoints."""
 
     def __init__(self, engine: AsyncEngine, tokenizer, model_names: list[str], model_path: str,
-                 tool_parser: str | None = None):
+                 tool_parser: str | None = None, max_n: int = 128):
         from tokenmill.guided.tool_parsers import default_tool_parser, get_tool_parser
 
         self.engine = engine
+        self.max_n = max_n
         self.tokenizer = tokenizer
         self.model_names = model_names
         self.model_path = model_path
@@ -112,12 +113,23 @@ class Serving:
                     endpoint, ", ".join(unknown))
 
     def sampling_params(self, req):
+        for name in ("n", "best_of"):
+            value = getattr(req, name, None)
+            if value is not None and value > self.max_n:
+                # One request forks this many sequences; OpenAI caps n at 128 too.
+                raise bad_request(f"{name} must be at most {self.max_n}, got {value}.", name)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         try:
             params = req.sampling_params(self.sampling_defaults)
         except GuidedSpecError as exc:
             raise bad_request(str(exc), exc.param) from None
         except ValueError as exc:
-            raise invalid_params(exc, _SAMPLING_FIELDS) from None
+            err = invalid_params(exc, _SAMPLING_FIELDS)
+            if err.param == "max_tokens" and req.max_tokens_param == "max_completion_tokens":
+                err.param = "max_completion_tokens"
+                err.message = "max_completion_tokens" + err.message[len("max_tokens"):]
+            raise err from None
         if params.structured_outputs is not None:
             self.check_structured_outputs(params.structured_outputs)
         for name in ("logprobs", "prompt_logprobs"):

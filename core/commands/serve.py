@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=None,
                    help="refuse new requests with 503 + Retry-After while this many are waiting")
     p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="largest request body (default 16 MiB)")
+    p.add_argument("--max-n", type=int, default=128,
+                   help="largest n (and best_of) one request may ask for (default 128, as OpenAI)")
     p.add_argument("--startup-timeout", type=float, default=None,
                    help="seconds to wait for the engine to load (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
