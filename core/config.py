@@ -72,6 +72,47 @@ class SchedulerConfig:
         _positive("max_waiting", self.max_waiting, allow_none=True)
 
 
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks run the model and how they are placed.
+
+    ``tensor_parallel_size`` ranks each hold a slice of every layer (heads, intermediate
+    size, vocabulary) and meet in ``torch.distributed`` collectives over the platform's
+    ``dist_backend``. ``distributed_executor_backend``: ``"uni"`` (one rank, in the engine
+    process), ``"mp"`` (rank 0 in the engine process, one local worker process per other
+    rank) or ``"ray"`` (the other ranks as Ray actors on the nodes of a running Ray
+    cluster); ``None`` picks ``"uni"`` for one rank and ``"mp"`` otherwise.
+    ``distributed_timeout`` bounds every collective and the workers' start-up (seconds),
+    so a dead or stuck rank fails the step instead of hanging it.
+    """
+
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    distributed_timeout: float = 120.0
+
+    def __post_init__(self):
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {backend!r}")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend 'uni' runs one rank; use 'mp' or 'ray' for "
+                             f"tensor_parallel_size {self.tensor_parallel_size}")
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout must be positive, got {self.distributed_timeout}")
+
+    @property
+    def executor_backend(self) -> str:
+        """The backend in effect (``distributed_executor_backend`` with its default applied)."""
+        if self.distributed_executor_backend:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+
 @dataclass(frozen=True)
 class GuidedConfig:
     """Structured output: the backend a request gets when it names none (``auto``: xgrammar,
@@ -103,6 +144,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     guided: GuidedConfig = field(default_factory=GuidedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"
     seed: int = 0
     #: Run the core's reference ops and attention even where a plugin registered faster ones.
@@ -113,7 +155,7 @@ class EngineConfig:
         """Split flat options (``dtype``, ``block_size``, ``max_num_seqs``, ``structured_output_backend``,
         ``jump_forward``...) into the sub-configs."""
         parts = {}
-        for sub in (ModelConfig, CacheConfig, SchedulerConfig):
+        for sub in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
             names = {f.name for f in fields(sub)}
             parts[sub] = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         guided = {_GUIDED_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _GUIDED_KWARGS}
@@ -121,4 +163,5 @@ class EngineConfig:
         if kwargs:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
         return cls(model=ModelConfig(model=model, **parts[ModelConfig]), cache=CacheConfig(**parts[CacheConfig]),
-                   scheduler=SchedulerConfig(**parts[SchedulerConfig]), guided=GuidedConfig(**guided), **top)
+                   scheduler=SchedulerConfig(**parts[SchedulerConfig]), guided=GuidedConfig(**guided),
+                   parallel=ParallelConfig(**parts[ParallelConfig]), **top)

@@ -54,13 +54,16 @@ class Platform:
     backends register (``"cpu"``, ``"cuda"``, ``"rocm"``, ``"xpu"``, ``"tpu"``).
     ``torch_device_type`` is torch's name for the device (``"cuda"`` for both NVIDIA and
     AMD, ``"xla"`` for TPU). ``priority`` orders platforms for ``--device auto``.
-    ``dist_backend`` is the ``torch.distributed`` backend name.
+    ``dist_backend`` is the ``torch.distributed`` backend name the tensor-parallel ranks use.
+    ``ray_resource`` is the Ray resource one rank reserves on a node (``"CPU"``, ``"GPU"``,
+    ``"TPU"``) when the ranks run as Ray actors.
     """
 
     name: str = ""
     torch_device_type: str = "cpu"
     priority: int = 0
     dist_backend: str = "gloo"
+    ray_resource: str = "CPU"
     capabilities: Capabilities = Capabilities()
     #: Set by the plugin manager: the distribution and version that registered this platform.
     plugin_name: str = ""

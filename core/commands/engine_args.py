@@ -30,6 +30,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="guided-decoding backend of requests that name none (auto: xgrammar, then outlines)")
     g.add_argument("--no-jump-forward", dest="jump_forward", action="store_false",
                    help="constrained requests decode every forced token with its own step")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks that each hold a slice of every layer (torch.distributed over the platform's backend)")
+    g.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
+                   help="where the ranks run: this process (uni), local worker processes (mp, the default for "
+                        "more than one rank) or Ray actors on a running Ray cluster (ray; pip install 'tokenmill[ray]')")
+    g.add_argument("--distributed-timeout", type=float, default=120.0,
+                   help="seconds a collective or a rank's start-up may take before the step fails")
     g.add_argument("--reference-ops", action="store_true",
                    help="use the core's reference ops and attention, ignoring plugins' faster ones")
 
@@ -41,4 +48,6 @@ def engine_kwargs(args) -> dict:
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,
                 reference_ops=args.reference_ops, structured_output_backend=args.structured_output_backend,
-                jump_forward=args.jump_forward)
+                jump_forward=args.jump_forward, tensor_parallel_size=args.tensor_parallel_size,
+                distributed_executor_backend=args.distributed_executor_backend,
+                distributed_timeout=args.distributed_timeout)

@@ -96,7 +96,7 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
         info = CoreInfo(os.getpid(), engine.platform.name, engine.max_model_len, engine.vocab_size,
                         engine.kv.num_blocks, engine.kv.block_size, engine.num_kv_tokens,
                         engine.runner.backend.name, config.scheduler.max_num_seqs,
-                        config.scheduler.max_num_batched_tokens, getattr(config, "tensor_parallel_size", 1),
+                        config.scheduler.max_num_batched_tokens, config.parallel.tensor_parallel_size,
                         config.guided.backend)
     except BaseException as exc:  # report anything, even SystemExit, rather than die silently
         out_conn.send(("startup_error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -105,6 +105,7 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
     try:
         _loop(engine, cmd_conn, out_conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
+        engine.shutdown()
         return  # the API process is gone
     except BaseException as exc:
         log.exception("engine core loop crashed")
@@ -112,7 +113,9 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
             out_conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
         except OSError:
             pass
+        engine.shutdown()
         raise SystemExit(1)
+    engine.shutdown()
     # Asked to shut down: nothing to save, so skip the slow interpreter teardown (torch threads...).
     from multiprocessing import util
 
@@ -123,6 +126,7 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
 
 def _loop(engine, cmd_conn, out_conn) -> None:
     from tokenmill.engine.engine_core import QueueFull
+    from tokenmill.executor import RankDied
 
     def handle(cmd, events) -> bool:
         kind = cmd[0]
@@ -171,6 +175,9 @@ def _loop(engine, cmd_conn, out_conn) -> None:
                 message = f"engine step failed: {type(exc).__name__}: {exc}"
                 events.extend(("rejected", rid, "internal", message) for rid in engine.abort_all())
                 updates = []
+                if isinstance(exc, RankDied):  # the engine cannot step again: fail in flight, then die
+                    out_conn.send(("batch", [], events))
+                    raise
             events.extend(("rejected", rid, "invalid", message) for rid, message in engine.pop_rejected())
             for u in updates:
                 u.new_logprobs = [_wire(lp) for lp in u.new_logprobs]

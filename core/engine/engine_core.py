@@ -70,12 +70,11 @@ class EngineCore:
     def __init__(self, config: EngineConfig, plugin_manager=None):
         from transformers import AutoConfig
 
-        from tokenmill.engine.model_runner import ModelRunner
+        from tokenmill.executor import make_executor
         from tokenmill.plugins import get_plugin_manager
 
         self.config = config
         pm = plugin_manager or get_plugin_manager()
-        self.platform = pm.select_platform(config.device)
         hf_config = AutoConfig.from_pretrained(config.model.model, local_files_only=True)
         self.hf_config = hf_config
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -83,11 +82,18 @@ class EngineCore:
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {limit}")
         self.max_model_len = max_len
-        self.runner = ModelRunner(config, self.platform, pm, hf_config)
-        bs = config.cache.block_size
-        max_needed = config.scheduler.max_num_seqs * math.ceil(max_len / bs) + 1
-        num_blocks = self.runner.num_kv_blocks(max_needed)
-        self.runner.allocate_kv_cache(num_blocks)
+        #: Runs the model on every tensor-parallel rank; ``runner`` is rank 0's, in this process.
+        self.executor = make_executor(config, pm)
+        self.runner = self.executor.driver
+        self.platform = self.runner.platform
+        try:
+            bs = config.cache.block_size
+            max_needed = config.scheduler.max_num_seqs * math.ceil(max_len / bs) + 1
+            num_blocks = self.executor.num_kv_blocks(max_needed)
+            self.executor.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, max_len)
         self.vocab_size = hf_config.vocab_size
@@ -113,8 +119,10 @@ class EngineCore:
             tokenizer = load_tokenizer(self.config.model.tokenizer or self.config.model.model)
             eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
             vocab = VocabInfo(tokenizer, self.vocab_size, [e for e in eos if e is not None])
+            # jump-forward rewrites rank 0's tokens in place; the other ranks only see sampled ones
             self._guided = GuidedRuntime(GuidedCompiler(vocab, self.config.guided.backend),
-                                         self.config.guided.jump_forward)
+                                         self.config.guided.jump_forward,
+                                         allow_jump=self.config.parallel.tensor_parallel_size == 1)
             self.runner.guided = self._guided
         return self._guided
 
@@ -232,9 +240,9 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if plan.finished:
-                self.runner.execute(plan)  # the runner drops the finished sequences' state
+                self.executor.execute(plan)  # the runner drops the finished sequences' state
             return []
-        result = self.runner.execute(plan)
+        result = self.executor.execute(plan)
         touched = self.scheduler.update(plan, result)
         if result.guided_done or result.jump:
             self._apply_guided(touched, result)
@@ -275,6 +283,10 @@ class EngineCore:
                 if room <= 0:
                     del seq.token_ids[len(seq.token_ids) + room:]
                     self.scheduler.finish(seq, FinishReason.LENGTH)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank); safe to call twice."""
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         s = self._stats

@@ -18,6 +18,7 @@ from tokenmill.engine.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
+from tokenmill.models.tensor_parallel import rank_attention_spec
 from tokenmill.sampler import Sampler, SamplingBatch, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,14 @@ def _attention_spec(model_cls, cfg, dtype_name: str) -> AttentionSpec:
 class ModelRunner:
     """Loads the model and the KV cache on a platform and executes :class:`SchedulerOutput` steps."""
 
-    def __init__(self, config: EngineConfig, platform, plugin_manager, hf_config):
+    def __init__(self, config: EngineConfig, platform, plugin_manager, hf_config, tp=None, device_index: int = 0):
+        from tokenmill.executor.parallel import SINGLE
+
         self.config = config
         self.platform = platform
-        self.device = platform.device()
+        #: This rank's tensor-parallel group (rank 0 of 1 without tensor parallelism).
+        self.tp = tp or SINGLE
+        self.device = platform.device(device_index)
         self.dtype = resolve_dtype(config.model.dtype, hf_config)
         dtype_name = _dtype_name(self.dtype)
         if dtype_name not in platform.capabilities.dtypes:
@@ -60,11 +65,13 @@ class ModelRunner:
         model_cls = next((archs[n] for n in names if n in archs), None)
         if model_cls is None:
             raise ValueError(f"unknown architecture {names}; supported architectures: {', '.join(sorted(archs))}")
-        spec = _attention_spec(model_cls, hf_config, dtype_name)
+        spec = rank_attention_spec(_attention_spec(model_cls, hf_config, dtype_name), self.tp)
         self.backend = plugin_manager.attention_backend(platform.name, spec, core_only=config.reference_ops)
-        ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device)
+        ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device,
+                           tp=self.tp)
         self.model = load_model(config.model.model, ctx, plugin_manager.model_architectures())
-        self.num_layers, self.spec = self.model.attention_spec()
+        self.num_layers, spec = self.model.attention_spec()
+        self.spec = rank_attention_spec(spec, self.tp)
         self.block_size = config.cache.block_size
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
@@ -103,7 +110,8 @@ class ModelRunner:
             st = self._states[ns.seq_id] = _SeqState(ns.request_id, ns.index, list(ns.token_ids),
                                                      ns.num_prompt_tokens, ns.params, ns.eos_token_id, [],
                                                      old.generator if old else None)
-            if getattr(ns.params, "structured_outputs", None) is not None:
+            # only rank 0 masks and samples; the other ranks receive its tokens (jump-forward is off with TP)
+            if getattr(ns.params, "structured_outputs", None) is not None and self.tp.rank == 0:
                 # after a preemption the matcher survives if it followed the same tokens; else replay them
                 keep = old.guided if old is not None and old.token_ids == st.token_ids else None
                 st.guided = self.guided.seq(ns.params, st.token_ids[st.num_prompt_tokens:], keep)
@@ -197,18 +205,23 @@ class ModelRunner:
             st.child_generators = [self._generator(st, st.index + k) for k in range(1, item.num_samples)]
             rows.extend((st.params, out_ids, prompt_ids, g, num_generated, st.eos_token_id)
                         for g in st.child_generators)
-        batch = SamplingBatch.build(rows, vocab_size=logits.shape[-1], device=logits.device)
-        guided_rows, guided_seqs, row = [], [], 0
-        for item, st in items:
-            if st.guided is not None:
-                guided_rows.extend(range(row, row + item.num_samples))
-                guided_seqs.extend([st.guided] * item.num_samples)
-            row += item.num_samples
-        if guided_rows:
-            logits = self.guided.mask(logits, guided_rows, guided_seqs, self.kernels.apply_token_bitmask)
-        sout = self.sampler(logits, batch)
-        tokens = sout.token_ids()
-        lps = sout.row_logprobs()
+        if self.tp.rank == 0:
+            batch = SamplingBatch.build(rows, vocab_size=logits.shape[-1], device=logits.device)
+            guided_rows, guided_seqs, row = [], [], 0
+            for item, st in items:
+                if st.guided is not None:
+                    guided_rows.extend(range(row, row + item.num_samples))
+                    guided_seqs.extend([st.guided] * item.num_samples)
+                row += item.num_samples
+            if guided_rows:
+                logits = self.guided.mask(logits, guided_rows, guided_seqs, self.kernels.apply_token_bitmask)
+            sout = self.sampler(logits, batch)
+            tokens = sout.token_ids()
+            lps = sout.row_logprobs()
+        else:
+            tokens, lps = [0] * len(rows), [None] * len(rows)
+        if self.tp.size > 1:  # rank 0 sampled; every rank appends the same tokens to its states
+            tokens = self.tp.broadcast(torch.tensor(tokens, dtype=torch.int64, device=self.device)).tolist()
         row = 0
         for item, st in items:
             n = item.num_samples

@@ -53,10 +53,12 @@ class GuidedRuntime:
     inside a chunk has none of), the mask allows only the next forced token at each step.
     """
 
-    def __init__(self, compiler: GuidedCompiler, jump_forward: bool = True):
+    def __init__(self, compiler: GuidedCompiler, jump_forward: bool = True, allow_jump: bool = True):
         self.compiler = compiler
         self.vocab = compiler.vocab
         self.jump_forward = jump_forward
+        #: False where no request may jump (tensor parallelism: only rank 0 would see the forced tokens).
+        self.allow_jump = allow_jump
         self._token_bytes = None
         #: Forced tokens appended (beyond the sampled ones), for benchmarks.
         self.num_forced_tokens = 0
@@ -74,7 +76,7 @@ class GuidedRuntime:
                 log.warning("guided: replaying output token %d (position %d) was refused by the grammar", t, i)
                 break
         jf = self.jump_forward if so.jump_forward is None else so.jump_forward
-        return GuidedSeq(m, jf and params.logprobs is None)
+        return GuidedSeq(m, jf and self.allow_jump and params.logprobs is None)
 
     def mask(self, logits: torch.Tensor, rows: list[int], seqs: list[GuidedSeq], apply_op) -> torch.Tensor:
         """``logits`` with rows ``rows`` masked by their sequences' allowed tokens (the rows of a

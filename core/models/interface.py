@@ -22,6 +22,8 @@ class ModelContext:
     ``attention_backend``: the chosen :class:`AttentionBackend` subclass (instantiate one per layer).
     ``dtype``: the torch dtype for weights and activations; ``device``: the torch.device.
     ``quantization``: a quantization method instance, or None.
+    ``tp``: the :class:`~tokenmill.executor.parallel.TensorParallelGroup` this rank belongs to
+    (rank 0 of 1 unless tensor parallelism is on); layers take their slice from it.
     """
 
     kernels: Any
@@ -29,6 +31,13 @@ class ModelContext:
     dtype: Any
     device: Any
     quantization: Any = None
+    tp: Any = None
+
+    def __post_init__(self):
+        if self.tp is None:
+            from tokenmill.executor.parallel import SINGLE
+
+            self.tp = SINGLE
 
 
 class CausalLM:

@@ -107,11 +107,20 @@ class RMSNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding table ``[vocab, hidden]``."""
+    """Token embedding table ``[vocab, hidden]``; with tensor parallelism each rank holds
+    ``ceil(vocab / ranks)`` rows and the lookups are summed over the ranks."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, ctx):
         super().__init__()
-        self.weight = new_param((num_embeddings, embedding_dim), ctx)
+        self.tp = ctx.tp
+        rows = -(-num_embeddings // self.tp.size)
+        self.vocab_start = self.tp.rank * rows
+        self.weight = new_param((rows, embedding_dim), ctx)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))

@@ -15,6 +15,7 @@ from torch import nn
 from tokenmill.attention.interface import AttentionSpec
 from tokenmill.models.interface import CausalLM, ModelContext
 from tokenmill.models.layers import Embedding, Linear, RMSNorm, check_all_loaded
+from tokenmill.models.tensor_parallel import local_sizes, shard_tensor
 from tokenmill.ops.rope import cos_sin_cache_from_hf
 
 
@@ -28,9 +29,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  sliding_window: int | None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        sizes = local_sizes(config, ctx.tp)  # this rank's heads (all of them without tensor parallelism)
+        self.num_heads = sizes.num_heads
+        self.num_kv_heads = sizes.num_kv_heads
+        self.head_size = sizes.head_size
+        self.tp = ctx.tp
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, ctx,
@@ -59,7 +62,7 @@ class LlamaAttention(nn.Module):
         out = self.attn.forward(q.view(-1, self.num_heads, self.head_size),
                                 k.view(-1, self.num_kv_heads, self.head_size),
                                 v.reshape(-1, self.num_kv_heads, self.head_size), kv_cache, meta)
-        return self.o_proj(out)
+        return self.tp.all_reduce(self.o_proj(out))
 
 
 class LlamaMLP(nn.Module):
@@ -67,7 +70,7 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
-        inter = config.intermediate_size
+        inter = local_sizes(config, ctx.tp).intermediate
         bias = bool(getattr(config, "mlp_bias", False))
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -75,9 +78,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias, ctx, shard_sizes={0: inter, 1: inter})
         self.down_proj = Linear(inter, config.hidden_size, bias, ctx)
         self.kernels = ctx.kernels
+        self.tp = ctx.tp
 
     def forward(self, x):
-        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -110,7 +114,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, ctx: ModelContext, model_cls):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, ctx)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, ctx)  # vocab-parallel
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # One float32 table shared by every layer (a buffer: it moves with the model, is not loaded).
         self.register_buffer("cos_sin_cache", cos_sin_cache_from_hf(config, head_size, device=ctx.device),
@@ -173,7 +177,7 @@ class LlamaForCausalLM(nn.Module, CausalLM):
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, False, ctx)
+            self.lm_head = Linear(hf_config.hidden_size, local_sizes(hf_config, ctx.tp).vocab, False, ctx)
 
     @classmethod
     def attention_spec_for(cls, hf_config, dtype_name: str) -> AttentionSpec:
@@ -197,7 +201,10 @@ class LlamaForCausalLM(nn.Module, CausalLM):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden):
-        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+        logits = torch.nn.functional.linear(hidden, self.lm_head.weight)
+        if self.ctx.tp.size > 1:  # each rank scored its vocabulary slice
+            logits = self.ctx.tp.all_gather(logits)[..., :self.hf_config.vocab_size]
+        return logits.float()
 
     def rename_weight(self, name: str) -> str | None:
         """Map a checkpoint name to ours; ``None`` skips the tensor."""
@@ -210,6 +217,8 @@ class LlamaForCausalLM(nn.Module, CausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Consume ``(hf_name, tensor)`` pairs; raises ``ValueError`` on unknown or missing weights."""
         params = dict(self.named_parameters())
+        tp = self.ctx.tp
+        sizes = local_sizes(self.hf_config, tp) if tp.size > 1 else None
         unknown = []
         with torch.no_grad():
             for name, tensor in weights:
@@ -225,6 +234,8 @@ class LlamaForCausalLM(nn.Module, CausalLM):
                 if param is None:
                     unknown.append(name)
                     continue
+                if sizes is not None:
+                    tensor = shard_tensor(target, shard, tensor, sizes, tp)
                 param.weight_loader(param, tensor, shard, name=name)
         if unknown:
             more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""

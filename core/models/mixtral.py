@@ -14,6 +14,7 @@ from torch import nn
 
 from tokenmill.models.layers import Linear, new_param
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.tensor_parallel import shard_expert_tensor
 
 _EXPERT = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 
@@ -23,7 +24,9 @@ class MoEBlock(nn.Module):
 
     def __init__(self, config, ctx):
         super().__init__()
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        e, h = config.num_local_experts, config.hidden_size
+        self.tp = ctx.tp
+        i = self.tp.split(config.intermediate_size, "the intermediate size")  # each expert's share on this rank
         if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu is supported")
         self.top_k = config.num_experts_per_tok
@@ -54,7 +57,7 @@ class MoEBlock(nn.Module):
         param.loaded_shards.add(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.fused_moe(x, self.gate(x), self.w13, self.w2, self.top_k, True)
+        return self.tp.all_reduce(self.kernels.fused_moe(x, self.gate(x), self.w13, self.w2, self.top_k, True))
 
 
 def _checked_copy(name, dst, src):
@@ -82,11 +85,19 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def _route_experts(self, weights):
         """Send per-expert tensors straight to their stacked parameter; pass the rest through."""
         params = dict(self.named_parameters())
+        tp = self.ctx.tp
+        inter = tp.split(self.hf_config.intermediate_size, "the intermediate size")
         for name, tensor in weights:
             m = _EXPERT.search(name)
             if m is None:
+                renamed = self.rename_weight(name) or ""
+                if renamed.endswith(".block_sparse_moe.w13"):
+                    tensor = shard_expert_tensor("w13", tensor, inter, tp)
+                elif renamed.endswith(".block_sparse_moe.w2"):
+                    tensor = shard_expert_tensor("w2_stacked", tensor, inter, tp)
                 yield name, tensor
                 continue
+            tensor = shard_expert_tensor(m.group(2), tensor, inter, tp)
             expert, which = int(m.group(1)), m.group(2)
             prefix = name[: m.start()] + ".block_sparse_moe."
             param = params.get(prefix + ("w2" if which == "w2" else "w13"))

@@ -11,6 +11,7 @@ class CudaPlatform(Platform):
     torch_device_type = "cuda"
     priority = 100
     dist_backend = "nccl"
+    ray_resource = "GPU"
 
     def __init__(self):
         self._capabilities: Capabilities | None = None

@@ -22,6 +22,7 @@ class TpuPlatform(Platform):
     torch_device_type = "xla"
     priority = 80
     dist_backend = "xla"
+    ray_resource = "TPU"
     capabilities = Capabilities(dtypes=("float32", "bfloat16"), fp8=False, graphs=False, static_shapes=True,
                                 pinned_memory=False)
 

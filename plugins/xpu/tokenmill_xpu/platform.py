@@ -37,6 +37,7 @@ class XpuPlatform(Platform):
     torch_device_type = "xpu"
     priority = 90
     dist_backend = "xccl"
+    ray_resource = "GPU"
     capabilities = Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=False, graphs=False,
                                 static_shapes=False, pinned_memory=True)
 
