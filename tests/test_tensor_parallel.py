@@ -103,21 +103,29 @@ def test_dead_rank_fails_the_step_with_a_clear_error():
         llm.engine.shutdown()
 
 
-def test_tp2_structured_output_matches_tp1():
-    """Rank 0 masks and samples; with TP forced tokens are sampled one per step (no jump-forward)."""
+def test_tp2_structured_output_follows_the_schema():
+    """Rank 0 masks and samples, the other ranks follow its tokens (no jump-forward with TP).
+
+    Not compared token for token with TP=1: on this random model the whitespace tokens the
+    grammar allows between JSON tokens can score within rounding of each other, and TP's partial
+    sums round differently (unconstrained greedy output is compared above).
+    """
     import json
+
+    import jsonschema
 
     from tokenmill.guided.params import StructuredOutputsParams
 
     path = make_tiny_model("llama")
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
               "required": ["a", "b"], "additionalProperties": False}
-    params = SamplingParams(max_tokens=40, temperature=0, structured_outputs=StructuredOutputsParams(json=schema))
-    prompts = _prompts()[:2]
-    expected = [o.outputs[0].text for o in LLM(str(path), num_blocks=64).generate(prompts, params)]
+    params = SamplingParams(max_tokens=200, temperature=0, structured_outputs=StructuredOutputsParams(json=schema))
     llm = LLM(str(path), num_blocks=64, tensor_parallel_size=2, distributed_timeout=60)
     try:
-        got = [o.outputs[0].text for o in llm.generate(prompts, params)]
-        assert [json.loads(t) for t in got] == [json.loads(t) for t in expected]
+        outs = [o.outputs[0] for o in llm.generate(_prompts()[:2], params)]
+        assert all(o.finish_reason == "stop" for o in outs)
+        for o in outs:
+            jsonschema.validate(json.loads(o.text), schema)
+        assert llm.engine.kv.num_used_blocks == 0
     finally:
         llm.engine.shutdown()
