@@ -110,8 +110,8 @@ def test_root_extras_and_the_install_command_cover_every_plugin():
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements-dev.txt").read_text().splitlines()]
     lines = [line for line in lines if line]
     assert lines[0] == "-c constraints.txt"
-    assert "-e .[dev,cpu,router]" in lines
-    local = {Path(line[3:]) for line in lines if line.startswith("-e ") and line != "-e .[dev,cpu,router]"}
+    assert "-e .[dev,cpu,router,ray]" in lines
+    local = {Path(line[3:]) for line in lines if line.startswith("-e ") and line != "-e .[dev,cpu,router,ray]"}
     expected = {Path("plugins") / n for n in PLATFORMS}
     expected |= {p.relative_to(ROOT) for p in (ROOT / "tests" / "plugins").iterdir() if (p / "pyproject.toml").exists()}
     expected |= {p.relative_to(ROOT) for p in (ROOT / "examples").iterdir() if (p / "pyproject.toml").exists()}
