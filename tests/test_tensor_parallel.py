@@ -129,3 +129,23 @@ def test_tp2_structured_output_follows_the_schema():
         assert llm.engine.kv.num_used_blocks == 0
     finally:
         llm.engine.shutdown()
+
+
+def test_server_with_a_dead_rank_fails_requests_and_reports_unhealthy():
+    import httpx
+
+    from api_conftest import SMALL_ENGINE, _children, running_server, wait_for
+
+    path = str(make_tiny_model("llama"))
+    body = {"model": path, "prompt": "hello", "max_tokens": 4}
+    with running_server([path, *SMALL_ENGINE, "-tp", "2", "--distributed-timeout", "20"]) as server:
+        assert httpx.post(server.base_url + "/completions", json=body, timeout=60).status_code == 200
+        core = server.core_pid()
+        workers = [pid for pid in _children(core)
+                   if b"tokenmill.executor.worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        resp = httpx.post(server.base_url + "/completions", json=body, timeout=60)
+        assert resp.status_code >= 500 and resp.json()["error"]["message"]
+        wait_for(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 503, timeout=30)
+        assert "rank 1 died" in httpx.get(server.url + "/health", timeout=5).text + server.log()
