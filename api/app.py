@@ -19,6 +19,7 @@ from tokenmill.api.errors import SafeJSONResponse, bad_request, error_body, inst
 from tokenmill.api.metrics import CONTENT_TYPE, Metrics
 from tokenmill.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tokenmill.api.serving import Serving
+from tokenmill.api.tool_calls import prepare, template_messages
 from tokenmill.api.worker_info import ROUTER_OPEN_PATHS, add_worker_routes
 from tokenmill.version import __version__
 
@@ -188,13 +189,15 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
         if req.prompt is not None:
             ids = srv.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         else:
-            chat = ChatCompletionRequest(messages=req.messages)
+            chat = ChatCompletionRequest(messages=req.messages, tools=req.tools)
             try:
                 conversation = chat.conversation()
             except ValueError as exc:
                 raise bad_request(str(exc), "messages") from None
-            _, ids = render(srv, conversation, req.add_generation_prompt, req.continue_final_message,
-                            bool(req.add_special_tokens))
+            calling = prepare(chat, srv.tool_parser)
+            _, ids = render(srv, template_messages(conversation), req.add_generation_prompt,
+                            req.continue_final_message, bool(req.add_special_tokens), None,
+                            {"tools": calling.tools} if calling is not None and calling.tools else None)
         return {"count": len(ids), "max_model_len": srv.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")

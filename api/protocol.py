@@ -345,6 +345,7 @@ class TokenizeRequest(APIRequest):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Any] | None = None  # rendered with the messages, as chat completions does
 
 
 class DetokenizeRequest(APIRequest):

@@ -90,6 +90,13 @@ def test_history_with_tool_calls_and_tool_results(client, tokenizer, stream):
     assert "<s>tool\n<tool_response>\nsunny, 21 C\n</tool_response></s>" in text
 
 
+def test_tokenize_renders_tools_like_chat(server, tokenizer):
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": HISTORY, "tools": TOOLS}, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] == prompt_len(tokenizer, HISTORY, TOOLS)
+    bad = httpx.post(server.url + "/tokenize", json={"messages": ASK, "tools": [{"type": "x"}]}, timeout=30)
+    assert_error(bad, 400, "tools[0].type")
+
+
 def test_auto_streamed_equals_non_streamed(client):
     kw = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=16, temperature=0)
     full = client.chat.completions.create(**kw)
