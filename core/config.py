@@ -38,9 +38,10 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV cache: block size in tokens, and its size.
 
-    ``kv_cache_memory`` (bytes) fixes the pool's size; otherwise ``gpu_memory_utilization``
-    of the device's free memory is used (on cpu, ``cpu_kv_fraction`` of available RAM,
-    capped by ``max_kv_cache_memory``). ``num_blocks`` overrides both (tests).
+    ``kv_cache_memory`` (bytes) fixes the pool's size; otherwise the platform's
+    ``kv_cache_budget(memory_fraction)`` decides (by default ``memory_fraction`` of the
+    device's free memory; the cpu platform takes less, see ``tokenmill_cpu.platform``).
+    ``num_blocks`` overrides both (tests).
     """
 
     block_size: int = 16

@@ -48,6 +48,24 @@ def test_cpu_is_available_with_host_memory_and_facts():
     assert cpu.allocate((2, 3), torch.float32).shape == (2, 3)
 
 
+def test_cpu_kv_budget_default_is_bounded_and_env_sets_it(monkeypatch):
+    from tokenmill.platform import MemoryInfo
+    from tokenmill_cpu import platform as cpu_platform
+
+    cpu = CpuPlatform()
+    monkeypatch.delenv(cpu_platform.ENV_KV_SPACE, raising=False)
+    monkeypatch.setattr(cpu, "memory_info", lambda: MemoryInfo(free=20 << 30, total=24 << 30))
+    assert cpu.kv_cache_budget(0.9) == cpu_platform.DEFAULT_KV_CAP == 4 << 30  # capped, not 18 GiB
+    monkeypatch.setattr(cpu, "memory_info", lambda: MemoryInfo(free=2 << 30, total=4 << 30))
+    assert cpu.kv_cache_budget(0.9) == int((2 << 30) * 0.9 / 2)  # small host: half of the fraction
+    monkeypatch.setenv(cpu_platform.ENV_KV_SPACE, "1.5")
+    assert cpu.kv_cache_budget(0.9) == 3 << 29
+    for bad in ("0", "-1", "lots", "nan", "inf", "5"):  # 5 GiB > the 4 GiB host
+        monkeypatch.setenv(cpu_platform.ENV_KV_SPACE, bad)
+        with pytest.raises(ValueError, match=cpu_platform.ENV_KV_SPACE):
+            cpu.kv_cache_budget(0.9)
+
+
 def test_cpuinfo_parsing(tmp_path):
     info = tmp_path / "cpuinfo"
     core = "processor\t: {p}\nphysical id\t: {s}\ncore id\t\t: {c}\nflags\t\t: fpu sse avx2 fma avx512f amx_bf16 amx_tile\n"
@@ -215,3 +233,13 @@ def test_tpu_available_with_a_tpu_pjrt_device(fake_torch_xla, monkeypatch):
     assert (mem.free, mem.total) == (15 << 30, 16 << 30)
     monkeypatch.setenv("FAKE_TPU_COUNT", "0")
     assert tpu.availability().reason == "torch_xla found but no TPU device visible"
+
+
+def test_engine_on_cpu_sizes_its_kv_pool_from_the_env(monkeypatch):
+    from tokenmill import LLM
+    from tokenmill.testing.tiny_models import make_tiny_model
+    from tokenmill_cpu import platform as cpu_platform
+
+    monkeypatch.setenv(cpu_platform.ENV_KV_SPACE, "0.01")
+    engine = LLM(model=str(make_tiny_model("llama")), dtype="float32", device="cpu").engine
+    assert engine.kv.num_blocks == int(0.01 * (1 << 30)) // engine.runner.block_bytes()

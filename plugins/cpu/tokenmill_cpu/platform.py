@@ -1,10 +1,23 @@
-"""The CPU platform: always available, the fallback of ``--device auto``."""
+"""The CPU platform: always available, the fallback of ``--device auto``.
+
+KV cache budget: host RAM also holds the weights, activations, the API process and
+everything else on the machine, so the cpu platform does not take most of free memory.
+``TOKENMILL_CPU_KVCACHE_SPACE=GiB`` (like vLLM's ``VLLM_CPU_KVCACHE_SPACE``) fixes the
+budget; otherwise it is ``fraction`` of half the available RAM, capped at
+:data:`DEFAULT_KV_CAP`. ``--kv-cache-memory`` (any platform) overrides both.
+"""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from tokenmill.platform import Availability, Capabilities, MemoryInfo, Platform, host_memory_info
+
+log = logging.getLogger(__name__)
+ENV_KV_SPACE = "TOKENMILL_CPU_KVCACHE_SPACE"
+#: Largest default KV budget (bytes) when ``TOKENMILL_CPU_KVCACHE_SPACE`` is not set.
+DEFAULT_KV_CAP = 4 << 30
 
 #: /proc/cpuinfo flags worth reporting: what decides which CPU kernels are fast.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -48,6 +61,27 @@ class CpuPlatform(Platform):
 
     def memory_info(self) -> MemoryInfo:
         return host_memory_info()
+
+    def kv_cache_budget(self, fraction: float) -> int:
+        """``TOKENMILL_CPU_KVCACHE_SPACE`` GiB if set, else ``min(fraction * available / 2, 4 GiB)``."""
+        mem = self.memory_info()
+        text = os.environ.get(ENV_KV_SPACE, "").strip()
+        if not text:
+            return max(1, min(int(mem.free * fraction / 2), DEFAULT_KV_CAP))
+        try:
+            gib = float(text)
+        except ValueError:
+            gib = float("nan")
+        if not 0 < gib < float("inf"):
+            raise ValueError(f"{ENV_KV_SPACE} must be a positive number of GiB, got {text!r}")
+        budget = int(gib * (1 << 30))
+        if budget > mem.total:
+            raise ValueError(f"{ENV_KV_SPACE}={text} GiB exceeds this host's memory "
+                             f"({mem.total / (1 << 30):.1f} GiB)")
+        if budget > mem.free:
+            log.warning("tokenmill-cpu: %s=%s GiB is more than the available memory (%.1f GiB)", ENV_KV_SPACE,
+                        text, mem.free / (1 << 30))
+        return budget
 
     def describe(self) -> dict:
         physical, isa = read_cpuinfo()
