@@ -248,6 +248,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingBatch) -> SamplerOutput:
         """``logits``: float ``[N, V]``; it is not modified."""
         raw = logits
+        if meta.all_greedy and meta.bias_index is None and meta.block_index is None and meta.penalty_rows is None:
+            # Nothing edits the logits: argmax of the raw rows (a float cast keeps the order and ties).
+            sampled = logits.argmax(dim=-1)
+            lp = None if meta.max_num_logprobs is None else _logprobs_of(raw, sampled, meta.max_num_logprobs)
+            return SamplerOutput(sampled, lp, meta.num_logprobs)
         logits = logits.float().clone()
         if meta.bias_index is not None:
             logits.index_put_(meta.bias_index, meta.bias_values, accumulate=True)
