@@ -29,6 +29,13 @@ def tokenmill_attention_backends():
 
 
 @hookimpl
+def tokenmill_quantization_methods():
+    from tokenmill.quant.formats import REFERENCE_METHODS
+
+    return list(REFERENCE_METHODS)
+
+
+@hookimpl
 def tokenmill_guided_decoding_backends():
     from tokenmill.guided.outlines_backend import OutlinesBackend
     from tokenmill.guided.xgrammar_backend import XGrammarBackend

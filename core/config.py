@@ -18,6 +18,8 @@ class ModelConfig:
     """Which checkpoint to load and how: ``model`` is a local directory with config.json and safetensors.
 
     ``max_model_len`` defaults to the checkpoint's ``max_position_embeddings``.
+    ``quantization``: an online mode for a float checkpoint (``int8``, ``w8a8``, ``fp8``) or the
+    checkpoint's own format; None reads the format from ``config.json`` (see :mod:`tokenmill.quant.registry`).
     """
 
     model: str
@@ -25,6 +27,7 @@ class ModelConfig:
     max_model_len: int | None = None
     tokenizer: str | None = None
     served_model_name: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self):
         if not self.model:
@@ -32,6 +35,8 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
+        if self.quantization is not None and (not isinstance(self.quantization, str) or not self.quantization.strip()):
+            raise ValueError(f"quantization must be a format name such as 'int8' or 'fp8', got {self.quantization!r}")
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,24 @@ def tokenmill_kernels():
 
 @hookspec
 def tokenmill_quantization_methods():
-    """Return a list of quantization method classes.
+    """Return a list of :class:`tokenmill.quant.interface.QuantizationMethod` subclasses.
 
-    A method has a ``name`` (``"int8"``, ``"fp8"``, ``"awq"``, ``"gptq"``), creates a
-    linear layer's weights, post-processes them after loading and applies the matmul.
-    A plugin may register a faster class for a format under the same name with a higher
-    ``priority`` and the platforms it serves in ``device_types``.
+    A class declares the checkpoint formats it loads (``checkpoint_formats``: the
+    ``quant_method`` of ``config.json``'s ``quantization_config``, e.g. ``"gptq"``, ``"awq"``,
+    ``"fp8"``, ``"compressed-tensors"``) and the online modes it applies to a float checkpoint
+    (``online_modes``: values of ``--quantization``, e.g. ``"int8"``, ``"w8a8"``, ``"fp8"``),
+    the platforms it serves (``device_types``, ``"*"`` for all) and a ``priority``. Per format
+    and platform the engine instantiates the highest-priority class whose cheap classmethod
+    ``available(platform)`` returns None and whose constructor ``cls(format, quant_config,
+    dtype)`` accepts the configuration (raising ``ValueError`` that names what it does not
+    support: the next class is tried, the core's reference last). The instance creates each
+    linear layer's parameters (``create_weights(layer, spec)``), post-processes them after
+    loading (``process_weights_after_loading(layer)``: quantize, repack for a kernel) and
+    does the matmul (``apply(layer, x, bias, expert)``), which must match the core's
+    reference implementation of the format within the conformance suite's tolerances.
+    The core registers a reference (dequantize, then matmul) class for every format; a
+    plugin adds a faster one by subclassing it at a higher priority for its platform.
+    The full contract is in :mod:`tokenmill.quant.interface`.
     """
 
 

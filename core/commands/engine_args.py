@@ -19,6 +19,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="platform name (cpu, cuda, rocm, xpu, tpu) or auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--quantization", default=None,
+                   help="online quantization of a float checkpoint (int8, w8a8, fp8), or the checkpoint's own "
+                        "format; default: read quantization_config from config.json")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--kv-cache-memory", type=_bytes, default=None, help="KV cache size in bytes (e.g. 2GiB)")
@@ -44,6 +47,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args) -> dict:
     """The ``LLM``/``EngineConfig`` keyword arguments from parsed flags."""
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                quantization=getattr(args, "quantization", None),
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,

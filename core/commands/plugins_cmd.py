@@ -1,10 +1,12 @@
 """``tokenmill plugins``: what is installed, what each plugin registered, which platforms can run here.
 
-Four sections: loaded plugins with their registration counts per registry, platforms
-in ``--device auto`` order with availability (and the reason when unavailable), the
-guided-decoding (structured output) backends, and plugins that failed to load with a
-one-line error. ``--json`` prints the same as one object
-``{"plugins": [...], "platforms": [...], "guided": [...], "failures": [...], "auto": ...}``.
+Five sections: loaded plugins with their registration counts per registry, platforms
+in ``--device auto`` order with availability (and the reason when unavailable), which
+quantization implementation serves each checkpoint format and online mode on each
+platform, the guided-decoding (structured output) backends, and plugins that failed to
+load with a one-line error. ``--json`` prints the same as one object
+``{"plugins": [...], "platforms": [...], "quantization": [...], "guided": [...], "failures": [...],
+"auto": ...}``.
 A platform whose ``availability()``, ``memory_info()`` or ``describe()`` raises is
 reported with the error; it never stops the report.
 """
@@ -92,8 +94,18 @@ def collect_report() -> dict:
     failures = [{"name": f.name, "dist": f.dist, "version": f.version, "reason": f.reason,
                  "traceback": f.traceback} for f in pm.failures]
     auto = next((p["name"] for p in platforms if p["available"]), None)
-    return {"plugins": plugins, "platforms": platforms, "guided": _guided_report(pm), "failures": failures,
-            "auto": auto}
+    return {"plugins": plugins, "platforms": platforms, "quantization": _quant_report(pm),
+            "guided": _guided_report(pm), "failures": failures, "auto": auto}
+
+
+def _quant_report(pm) -> list[dict]:
+    from tokenmill.quant.registry import implementation_table
+
+    try:
+        return implementation_table(pm.registered("quantization_methods"), pm.platforms())
+    except Exception as exc:  # noqa: BLE001 - a report never crashes on a plugin bug
+        return [{"format": "?", "kind": "?", "platform": "?", "implementation": None, "plugin": None,
+                 "priority": None, "skipped": [f"table failed: {_error(exc)}"]}]
 
 
 def _guided_report(pm) -> list[dict]:
@@ -151,6 +163,16 @@ def format_report(report: dict, verbose: bool = False) -> str:
             lines.append(f"  {p['name']}: {facts or '-'}")
             if "memory_error" in p:
                 lines.append(f"  {p['name']}: memory_info() raised {p['memory_error']}")
+
+    lines += ["", "Quantization (checkpoint formats and --quantization modes: implementation per platform):"]
+    rows = [["FORMAT", "KIND", "IMPLEMENTATION", "PLUGIN", "PRIORITY", "PLATFORMS"]]
+    groups: dict[tuple, list[str]] = {}
+    for q in report.get("quantization", []):
+        impl = q["implementation"] or ("none: " + "; ".join(q["skipped"]) if q["skipped"] else "none")
+        key = (q["format"], q["kind"], impl, q["plugin"] or "-", "-" if q["priority"] is None else str(q["priority"]))
+        groups.setdefault(key, []).append(q["platform"])
+    rows += [[*key, ",".join(names)] for key, names in groups.items()]
+    lines += _table(rows) if len(rows) > 1 else ["  (none registered)"]
 
     lines += ["", "Guided decoding backends (--structured-output-backend; auto tries xgrammar, then outlines):"]
     rows = [["BACKEND", "PLUGIN", "KINDS", "AVAILABLE"]]

@@ -19,6 +19,8 @@ from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
 from tokenmill.models.tensor_parallel import rank_attention_spec
+from tokenmill.plugins import CORE_NAME
+from tokenmill.quant.registry import checkpoint_quantization, resolve_quantization
 from tokenmill.sampler import Sampler, SamplingBatch, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,17 @@ class ModelRunner:
             raise ValueError(f"unknown architecture {names}; supported architectures: {', '.join(sorted(archs))}")
         spec = rank_attention_spec(_attention_spec(model_cls, hf_config, dtype_name), self.tp)
         self.backend = plugin_manager.attention_backend(platform.name, spec, core_only=config.reference_ops)
+        quant_methods = plugin_manager.registered("quantization_methods")
+        if config.reference_ops:
+            quant_methods = [(p, c) for p, c in quant_methods if p == CORE_NAME]
+        self.quantization = resolve_quantization(quant_methods, platform, self.dtype,
+                                                 checkpoint_quantization(config.model.model),
+                                                 config.model.quantization)
+        if self.quantization is not None and self.tp.size > 1:
+            raise ValueError(f"quantization ({self.quantization.describe()}) is not supported with tensor "
+                             f"parallelism yet (tensor_parallel_size={self.tp.size}); use one rank")
         ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device,
-                           tp=self.tp)
+                           quantization=self.quantization, tp=self.tp)
         self.model = load_model(config.model.model, ctx, plugin_manager.model_architectures())
         self.num_layers, spec = self.model.attention_spec()
         self.spec = rank_attention_spec(spec, self.tp)

@@ -37,21 +37,6 @@ def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard=None,
     param.loaded_shards.add(None)
 
 
-def sliced_weight_loader(offsets: dict):
-    """A loader for a weight fused along dim 0: ``offsets[shard] = (start, size)``."""
-
-    def load(param, tensor, shard=None, name=""):
-        if shard is None:
-            _copy(name, param.data, tensor)
-            param.loaded_shards.update(offsets)
-            return
-        start, size = offsets[shard]
-        _copy(name, param.data.narrow(0, start, size), tensor)
-        param.loaded_shards.add(shard)
-
-    return load
-
-
 def check_all_loaded(module: nn.Module) -> None:
     """Raise ``ValueError`` naming the parameters (or shards of them) the checkpoint did not provide."""
     missing = []
@@ -64,30 +49,45 @@ def check_all_loaded(module: nn.Module) -> None:
 
 
 class Linear(nn.Module):
-    """``y = x @ W.T + b``; with ``shard_sizes`` the output rows are several fused projections.
+    """``y = x @ W.T + b`` through the layer's quantization method; the one linear layer of every model.
 
-    ``shard_sizes``: ordered ``{shard_name: rows}`` (e.g. ``{"q": 512, "k": 128, "v": 128}``);
-    checkpoints provide each shard under its own name and the loader places it.
+    The method (:class:`tokenmill.quant.interface.QuantizationMethod`, chosen from
+    ``ctx.quantization`` for this layer's checkpoint name ``prefix``) creates the weight
+    parameters, post-processes them after loading and does the matmul, so models need no
+    per-format code. ``shard_sizes``: ordered ``{shard_name: rows}`` when the output rows
+    are several fused projections (``{"q": 512, "k": 128, "v": 128}``); checkpoints provide
+    each shard under its own name (``shard_prefixes``, the unfused projections' names, in
+    the same order) and the loader places it. ``num_experts``: a stack of ``E`` expert
+    matrices (Mixtral), one picked per call by ``expert``. ``quantize=False`` keeps the
+    layer in float whatever the format (a router).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, ctx, shard_sizes: dict | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx, shard_sizes: dict | None = None,
+                 prefix: str = "", shard_prefixes: tuple[str, ...] = (), num_experts: int | None = None,
+                 quantize: bool = True):
         super().__init__()
+        from tokenmill.quant import LinearSpec, linear_method
+
         if shard_sizes is not None and sum(shard_sizes.values()) != out_features:
             raise ValueError(f"shard sizes {shard_sizes} do not add up to {out_features}")
-        shards = tuple(shard_sizes) if shard_sizes else (None,)
-        self.weight = new_param((out_features, in_features), ctx, shards)
-        self.bias = new_param((out_features,), ctx, shards) if bias else None
-        if shard_sizes:
-            offsets, start = {}, 0
-            for shard, size in shard_sizes.items():
-                offsets[shard] = (start, size)
-                start += size
-            for p in (self.weight, self.bias):
-                if p is not None:
-                    p.weight_loader = sliced_weight_loader(offsets)
+        self.in_features, self.out_features = in_features, out_features
+        self.prefix = prefix
+        spec = LinearSpec(in_features, out_features, shard_sizes, num_experts, ctx.dtype, ctx.device, prefix)
+        self.method = linear_method(ctx, prefix, shard_prefixes) if quantize else linear_method(None, prefix)
+        if num_experts and not self.method.covers_experts:
+            raise ValueError(f"quantization {self.method.describe()} does not cover mixture-of-experts layers "
+                             f"({prefix}); serve this model unquantized or with a format that does")
+        self.method.create_weights(self, spec)
+        if bias:
+            from tokenmill.quant.params import add_param
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+            add_param(self, "bias", (out_features,), ctx.dtype, spec, shard_dim=0)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        bias = self.bias if self.bias is None or expert is None else self.bias[expert]
+        return self.method.apply(self, x, bias, expert)
 
 
 class RMSNorm(nn.Module):

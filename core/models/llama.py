@@ -27,7 +27,7 @@ class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, optional q/k norm, rotary, paged attention, output projection."""
 
     def __init__(self, config, ctx: ModelContext, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 sliding_window: int | None):
+                 sliding_window: int | None, prefix: str = ""):
         super().__init__()
         sizes = local_sizes(config, ctx.tp)  # this rank's heads (all of them without tensor parallelism)
         self.num_heads = sizes.num_heads
@@ -37,8 +37,10 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, ctx,
-                               shard_sizes={"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
-        self.o_proj = Linear(self.q_size, config.hidden_size, o_bias, ctx)
+                               shard_sizes={"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+                               prefix=f"{prefix}.qkv_proj",
+                               shard_prefixes=tuple(f"{prefix}.{n}_proj" for n in "qkv"))
+        self.o_proj = Linear(self.q_size, config.hidden_size, o_bias, ctx, prefix=f"{prefix}.o_proj")
         if qk_norm:
             self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx)
             self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx)
@@ -68,15 +70,17 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: fused gate/up projection, ``silu_and_mul``, down projection."""
 
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         inter = local_sizes(config, ctx.tp).intermediate
         bias = bool(getattr(config, "mlp_bias", False))
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {act!r}; only silu is supported")
-        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias, ctx, shard_sizes={0: inter, 1: inter})
-        self.down_proj = Linear(inter, config.hidden_size, bias, ctx)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias, ctx, shard_sizes={0: inter, 1: inter},
+                                   prefix=f"{prefix}.gate_up_proj",
+                                   shard_prefixes=(f"{prefix}.gate_proj", f"{prefix}.up_proj"))
+        self.down_proj = Linear(inter, config.hidden_size, bias, ctx, prefix=f"{prefix}.down_proj")
         self.kernels = ctx.kernels
         self.tp = ctx.tp
 
@@ -89,12 +93,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, config, ctx: ModelContext, layer_idx: int, model_cls):
         super().__init__()
+        prefix = f"model.layers.{layer_idx}"
         self.self_attn = LlamaAttention(config, ctx, layer_idx, qkv_bias=model_cls.qkv_bias(config),
                                         o_bias=model_cls.o_bias(config),
                                         qk_norm=model_cls.qk_norm,
-                                        sliding_window=model_cls.layer_sliding_window(config, layer_idx))
+                                        sliding_window=model_cls.layer_sliding_window(config, layer_idx),
+                                        prefix=f"{prefix}.self_attn")
         self.mlp_name = model_cls.mlp_name
-        self.add_module(self.mlp_name, model_cls.make_mlp(config, ctx))
+        self.add_module(self.mlp_name, model_cls.make_mlp(config, ctx, prefix=f"{prefix}.{model_cls.mlp_name}"))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx)
 
@@ -137,8 +143,10 @@ class LlamaForCausalLM(nn.Module, CausalLM):
     """Llama (1/2/3): see :class:`tokenmill.models.interface.CausalLM`.
 
     Subclass hooks: ``qk_norm`` (per-head q/k RMSNorm before rotary), ``qkv_bias(config)``, ``o_bias(config)``,
-    ``layer_sliding_window(config, i)``, ``make_mlp(config, ctx)`` with ``mlp_name`` (the
-    checkpoint's module name), and ``rename_weight(name)`` for checkpoint name mapping.
+    ``layer_sliding_window(config, i)``, ``make_mlp(config, ctx, prefix)`` with ``mlp_name`` (the
+    checkpoint's module name; ``prefix`` is its checkpoint name), and ``rename_weight(name)`` for
+    checkpoint name mapping. Every linear layer is a :class:`~tokenmill.models.layers.Linear`,
+    so quantized checkpoints load through the layer's quantization method.
     """
 
     qk_norm = False
@@ -165,8 +173,8 @@ class LlamaForCausalLM(nn.Module, CausalLM):
         return None
 
     @classmethod
-    def make_mlp(cls, config, ctx):
-        return LlamaMLP(config, ctx)
+    def make_mlp(cls, config, ctx, prefix: str = ""):
+        return LlamaMLP(config, ctx, prefix)
 
     def __init__(self, hf_config, ctx: ModelContext):
         super().__init__()
@@ -177,7 +185,8 @@ class LlamaForCausalLM(nn.Module, CausalLM):
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = Linear(hf_config.hidden_size, local_sizes(hf_config, ctx.tp).vocab, False, ctx)
+            self.lm_head = Linear(hf_config.hidden_size, local_sizes(hf_config, ctx.tp).vocab, False, ctx,
+                                  prefix="lm_head")
 
     @classmethod
     def attention_spec_for(cls, hf_config, dtype_name: str) -> AttentionSpec:
@@ -201,7 +210,10 @@ class LlamaForCausalLM(nn.Module, CausalLM):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden):
-        logits = torch.nn.functional.linear(hidden, self.lm_head.weight)
+        if isinstance(self.lm_head, Linear):
+            logits = self.lm_head(hidden)
+        else:
+            logits = torch.nn.functional.linear(hidden, self.lm_head.weight)
         if self.ctx.tp.size > 1:  # each rank scored its vocabulary slice
             logits = self.ctx.tp.all_gather(logits)[..., :self.hf_config.vocab_size]
         return logits.float()

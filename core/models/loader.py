@@ -99,10 +99,21 @@ def iterate_weights(files: list[Path], progress: bool | None = None) -> Iterator
                 bar.update(1)
 
 
+def process_weights_after_loading(model) -> None:
+    """Let every linear layer's quantization method quantize or repack what was loaded."""
+    from tokenmill.models.layers import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_weights_after_loading(module)
+
+
 def load_model(model_dir, ctx, architectures: dict[str, type]):
     """Build the model of the checkpoint at ``model_dir`` on ``ctx.device`` in ``ctx.dtype`` and load its weights.
 
     ``architectures`` maps names from ``config.json``'s ``architectures`` to model classes.
+    ``ctx.quantization`` is the quantization method its linear layers use (None: float);
+    after loading, each layer's method post-processes its weights.
     The returned model is in eval mode and has ``hf_config`` set.
     """
     model_dir = Path(model_dir)
@@ -118,6 +129,7 @@ def load_model(model_dir, ctx, architectures: dict[str, type]):
     with torch.no_grad():
         model = cls(hf_config, ctx)
         model.load_weights(iterate_weights(files))
+        process_weights_after_loading(model)
     model.eval()
     model.hf_config = hf_config
     return model

@@ -1,9 +1,13 @@
 """Mixtral: the Llama-family decoder with a sparse mixture-of-experts feed-forward block.
 
-The experts live in two stacked tensors, ``w13`` ``[E, 2I, H]`` (gate rows then up rows)
-and ``w2`` ``[E, H, I]``, consumed by the ``fused_moe`` kernel. Both checkpoint layouts
-load: the original per-expert ``block_sparse_moe.experts.{e}.w1/w3/w2`` tensors and the
-stacked ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj`` form.
+The experts are two stacked expert :class:`~tokenmill.models.layers.Linear` layers,
+``w13`` (``E`` matrices ``[2I, H]``, gate rows then up rows) and ``w2`` (``[H, I]``).
+Unquantized, their float weights go to the ``fused_moe`` kernel; under a quantization
+method, tokens are routed the same way and each chosen expert's matmuls go through the
+method. Both checkpoint layouts load: the original per-expert
+``block_sparse_moe.experts.{e}.w1/w3/w2`` tensors (with any quantized suffix:
+``.weight``, ``.qweight``, ``.scales``...) and the stacked ``mlp.experts.gate_up_proj`` /
+``mlp.experts.down_proj`` form.
 """
 from __future__ import annotations
 
@@ -12,17 +16,18 @@ import re
 import torch
 from torch import nn
 
-from tokenmill.models.layers import Linear, new_param
+from tokenmill.models.layers import Linear
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.tensor_parallel import shard_expert_tensor
+from tokenmill.quant import UnquantizedMethod
 
-_EXPERT = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_EXPERT = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.(\w+)$")
 
 
 class MoEBlock(nn.Module):
-    """Router (``gate``) plus ``num_local_experts`` SwiGLU experts; top-k routing, renormalised."""
+    """Router (``gate``, never quantized) plus ``num_local_experts`` SwiGLU experts; top-k routing, renormalised."""
 
-    def __init__(self, config, ctx):
+    def __init__(self, config, ctx, prefix: str = ""):
         super().__init__()
         e, h = config.num_local_experts, config.hidden_size
         self.tp = ctx.tp
@@ -30,40 +35,34 @@ class MoEBlock(nn.Module):
         if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu is supported")
         self.top_k = config.num_experts_per_tok
-        self.gate = Linear(h, e, False, ctx)
-        self.w13 = new_param((e, 2 * i, h), ctx, shards=tuple((x, w) for x in range(e) for w in ("w1", "w3")))
-        self.w13.weight_loader = self._load_w13
-        self.w2 = new_param((e, h, i), ctx, shards=tuple(range(e)))
-        self.w2.weight_loader = self._load_w2
-        self.intermediate_size = i
+        self.num_experts = e
+        self.gate = Linear(h, e, False, ctx, prefix=f"{prefix}.gate", quantize=False)
+        experts = f"{prefix}.experts"
+        self.w13 = Linear(h, 2 * i, False, ctx, shard_sizes={"w1": i, "w3": i}, num_experts=e,
+                          prefix=f"{experts}.w13", shard_prefixes=(f"{experts}.w1", f"{experts}.w3"))
+        self.w2 = Linear(i, h, False, ctx, num_experts=e, prefix=f"{experts}.w2")
         self.kernels = ctx.kernels
 
-    def _load_w13(self, param, tensor, shard=None, name=""):
-        if shard is None:  # stacked gate_up_proj [E, 2I, H]
-            _checked_copy(name, param.data, tensor)
-            param.loaded_shards.update(param.expected_shards)
-            return
-        expert, which = shard
-        i = self.intermediate_size
-        _checked_copy(name, param.data[expert, :i] if which == "w1" else param.data[expert, i:], tensor)
-        param.loaded_shards.add(shard)
-
-    def _load_w2(self, param, tensor, shard=None, name=""):
-        if shard is None:  # stacked down_proj [E, H, I]
-            _checked_copy(name, param.data, tensor)
-            param.loaded_shards.update(param.expected_shards)
-            return
-        _checked_copy(name, param.data[shard], tensor)
-        param.loaded_shards.add(shard)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.kernels.fused_moe(x, self.gate(x), self.w13, self.w2, self.top_k, True))
+        logits = self.gate(x)
+        if isinstance(self.w13.method, UnquantizedMethod) and isinstance(self.w2.method, UnquantizedMethod):
+            out = self.kernels.fused_moe(x, logits, self.w13.weight, self.w2.weight, self.top_k, True)
+        else:
+            out = self._routed(x, logits)
+        return self.tp.all_reduce(out)
 
-
-def _checked_copy(name, dst, src):
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-    dst.copy_(src)
+    def _routed(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The ``fused_moe`` contract with each expert's matmuls through its quantization method."""
+        probs = torch.softmax(logits.to(torch.float32), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            token_idx, slot = torch.where(ids == e)
+            h = self.kernels.silu_and_mul(self.w13(x[token_idx], expert=e))
+            h = self.w2(h, expert=e) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -72,8 +71,8 @@ class MixtralForCausalLM(LlamaForCausalLM):
     mlp_name = "block_sparse_moe"
 
     @classmethod
-    def make_mlp(cls, config, ctx):
-        return MoEBlock(config, ctx)
+    def make_mlp(cls, config, ctx, prefix: str = ""):
+        return MoEBlock(config, ctx, prefix)
 
     @classmethod
     def layer_sliding_window(cls, config, layer_idx: int) -> int | None:
@@ -91,19 +90,19 @@ class MixtralForCausalLM(LlamaForCausalLM):
             m = _EXPERT.search(name)
             if m is None:
                 renamed = self.rename_weight(name) or ""
-                if renamed.endswith(".block_sparse_moe.w13"):
+                if renamed.endswith(".block_sparse_moe.w13.weight"):
                     tensor = shard_expert_tensor("w13", tensor, inter, tp)
-                elif renamed.endswith(".block_sparse_moe.w2"):
+                elif renamed.endswith(".block_sparse_moe.w2.weight"):
                     tensor = shard_expert_tensor("w2_stacked", tensor, inter, tp)
                 yield name, tensor
                 continue
-            tensor = shard_expert_tensor(m.group(2), tensor, inter, tp)
-            expert, which = int(m.group(1)), m.group(2)
+            expert, which, suffix = int(m.group(1)), m.group(2), m.group(3)
+            tensor = shard_expert_tensor(which, tensor, inter, tp)
             prefix = name[: m.start()] + ".block_sparse_moe."
-            param = params.get(prefix + ("w2" if which == "w2" else "w13"))
-            if param is None or expert >= param.shape[0]:
+            param = params.get(prefix + ("w2." if which == "w2" else "w13.") + suffix)
+            if param is None or expert >= self.hf_config.num_local_experts:
                 raise ValueError(f"checkpoint has weights this model does not know: {name}")
-            shard = expert if which == "w2" else (expert, which)
+            shard = (expert, None) if which == "w2" else (expert, which)
             with torch.no_grad():
                 param.weight_loader(param, tensor, shard, name=name)
 
@@ -113,6 +112,8 @@ class MixtralForCausalLM(LlamaForCausalLM):
             return None
         # transformers-5 in-memory naming: mlp.gate / mlp.experts.gate_up_proj / mlp.experts.down_proj
         name = name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
-        name = name.replace(".mlp.experts.gate_up_proj", ".block_sparse_moe.w13")
-        name = name.replace(".mlp.experts.down_proj", ".block_sparse_moe.w2")
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            name = name.replace(".mlp.experts.gate_up_proj", ".block_sparse_moe.w13.weight")
+        if name.endswith(".mlp.experts.down_proj"):
+            name = name.replace(".mlp.experts.down_proj", ".block_sparse_moe.w2.weight")
         return name
