@@ -14,6 +14,7 @@ COMMANDS = {
     "router": ("router", "data-parallel replicas behind SGLang's router (tokenmill[router])"),
     "generate": ("generate", "generate text from a model, offline"),
     "bench": ("bench", "benchmarks: throughput, prefix, serve"),
+    "quantize": ("quantize", "quantize a float checkpoint (gptq, awq, fp8; round-to-nearest)"),
     "plugins": ("plugins_cmd", "list installed plugins, their platforms and registrations"),
     "conformance": ("conformance_cmd", "run the conformance suite against a plugin"),
     "new-plugin": ("new_plugin", "scaffold a new hardware plugin package"),

@@ -1,7 +1,11 @@
 """The core's reference quantization methods, registered through ``tokenmill_quantization_methods``."""
 from __future__ import annotations
 
+from tokenmill.quant.awq import AWQMethod
+from tokenmill.quant.fp8 import Fp8Method, Fp8ScaledMMMethod
+from tokenmill.quant.gptq import GPTQMethod
 from tokenmill.quant.int8 import Int8Method
 
-#: Reference implementations (dequantize, then matmul) of every format, priority 0, every platform.
-REFERENCE_METHODS = (Int8Method,)
+#: Reference implementations (dequantize, then matmul) of every format, priority 0, every platform,
+#: and the FP8 matmul for platforms that declare ``capabilities.fp8``.
+REFERENCE_METHODS = (Int8Method, Fp8Method, Fp8ScaledMMMethod, GPTQMethod, AWQMethod)

@@ -77,6 +77,8 @@ def add_param(layer: nn.Module, name: str, shape: tuple, dtype, spec, *, shard_d
 
     def load(param, tensor, shard=None, name=name):
         if shard is None:
+            if mode == "per_shard" and tensor.numel() == param.numel():  # per-tensor scalar as [] or [1]
+                tensor = tensor.reshape(param.shape)
             _copy(name, param.data, tensor)
             param.loaded_shards.update(param.expected_shards)
             return
@@ -90,6 +92,8 @@ def add_param(layer: nn.Module, name: str, shape: tuple, dtype, spec, *, shard_d
             raise ValueError(f"{name}: shard {part!r} given for a layer that is not fused")
         if mode == "per_shard":
             dst = data[names.index(part)]
+            if tensor.numel() == dst.numel():  # a per-tensor scalar stored as [] or [1]
+                tensor = tensor.reshape(dst.shape)
         elif mode == "replicate" and fused:
             done = {k for k in param.loaded_shards if (k[0] if experts else None) == (shard[0] if experts else None)}
             if done:

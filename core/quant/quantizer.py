@@ -1,0 +1,136 @@
+"""Round-to-nearest quantizer: a float checkpoint to GPTQ, AWQ or FP8, in the real tools' on-disk layouts.
+
+``tokenmill quantize SRC DST --format gptq|awq|fp8`` (see :mod:`tokenmill.commands.quantize`).
+No calibration: GPTQ's error feedback and AWQ's activation-aware scaling are not run,
+so quality is RTN's; the files are what AutoGPTQ (``gptq`` checkpoint format, zeros
+stored minus one), AutoAWQ (GEMM, interleaved packing) and AutoFP8 (per-tensor scale)
+write, so any reader of those formats loads them. With ``desc_act`` the column order is
+a seeded permutation shared by the projections that read the same input (q/k/v,
+gate/up, w1/w3), as a Hessian ordering would be; ``g_idx`` records it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import torch
+
+from tokenmill.quant.awq import awq_pack
+from tokenmill.quant.checkpoint import is_quantizable, rewrite_checkpoint
+from tokenmill.quant.gptq import SUPPORTED_BITS, pack_cols, pack_rows
+
+FORMATS = ("gptq", "awq", "fp8")
+_SAME_INPUT = [(re.compile(r"\.(q|k|v)_proj\.weight$"), ".qkv_proj"), (re.compile(r"\.(gate|up)_proj\.weight$"),
+                                                                        ".gate_up_proj"),
+               (re.compile(r"\.(w1|w3)\.weight$"), ".w13")]
+
+
+def _input_key(name: str) -> str:
+    for pattern, repl in _SAME_INPUT:
+        if pattern.search(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def act_order(name: str, k: int) -> torch.Tensor:
+    """The desc_act column order for weight ``name`` (the same for projections sharing an input)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(_input_key(name).encode()))
+    return torch.randperm(k, generator=gen)
+
+
+def gptq_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, order: torch.Tensor | None = None) -> dict:
+    """RTN GPTQ tensors of ``w [N, K]``: ``qweight``, ``qzeros`` (zero - 1), ``scales`` fp16, ``g_idx``."""
+    n, k = w.shape
+    maxq = 2 ** bits - 1
+    gs = k if group_size == -1 else group_size
+    if k % gs or k % (32 // bits) or n % (32 // bits):
+        raise ValueError(f"gptq: a [{n}, {k}] weight does not divide into groups of {gs} / {bits}-bit packing")
+    order = torch.arange(k) if order is None else order
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // gs).to(torch.int32)
+    groups = k // gs
+    w32 = w.to(torch.float32)
+    scales = torch.empty(groups, n)
+    zeros = torch.empty(groups, n, dtype=torch.int64)
+    for g in range(groups):
+        sub = w32[:, order[g * gs:(g + 1) * gs]]
+        if sym:
+            scales[g] = (2 * sub.abs().amax(dim=1) / maxq).clamp_min(1e-8)
+            zeros[g] = (maxq + 1) // 2
+        else:
+            lo, hi = sub.amin(dim=1).clamp(max=0), sub.amax(dim=1).clamp(min=0)
+            scales[g] = ((hi - lo) / maxq).clamp_min(1e-8)
+            # zero 0 would be stored as -1, which the v1 format cannot hold
+            zeros[g] = torch.round(-lo / scales[g]).clamp(1, maxq).to(torch.int64)
+    scales16 = scales.to(torch.float16)
+    gi = g_idx.long()
+    q = torch.round(w32.t() / scales16.to(torch.float32)[gi]) + zeros[gi]
+    q = q.clamp_(0, maxq).to(torch.int64)
+    return {"qweight": pack_rows(q, bits), "qzeros": pack_cols(zeros - 1, bits), "scales": scales16, "g_idx": g_idx}
+
+
+def awq_quantize(w: torch.Tensor, group_size: int) -> dict:
+    """RTN AWQ (GEMM) tensors of ``w [N, K]``: ``qweight`` ``[K, N/8]``, ``qzeros`` ``[G, N/8]``, ``scales`` fp16."""
+    n, k = w.shape
+    if k % group_size or n % 8:
+        raise ValueError(f"awq: a [{n}, {k}] weight does not divide into groups of {group_size} / 8 outputs")
+    g = w.to(torch.float32).t().reshape(k // group_size, group_size, n)
+    lo, hi = g.amin(dim=1).clamp(max=0), g.amax(dim=1).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp_min(1e-8).to(torch.float16)
+    s = scales.to(torch.float32)
+    zeros = torch.round(-lo / s).clamp(0, 15)
+    q = (torch.round(g / s.unsqueeze(1)) + zeros.unsqueeze(1)).clamp(0, 15).reshape(k, n)
+    return {"qweight": awq_pack(q), "qzeros": awq_pack(zeros), "scales": scales}
+
+
+def fp8_quantize(w: torch.Tensor) -> dict:
+    """AutoFP8-style per-tensor FP8: ``weight`` float8_e4m3fn and a scalar float32 ``weight_scale``."""
+    from tokenmill.quant.fp8 import FP8, FP8_MAX
+
+    w32 = w.to(torch.float32)
+    scale = (w32.abs().max() / FP8_MAX).clamp_min(1e-12)
+    return {"weight": (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), "weight_scale": scale.reshape(())}
+
+
+def quantize_checkpoint(src, dst, fmt: str, bits: int = 4, group_size: int = 128, desc_act: bool = False,
+                        sym: bool = True) -> Path:
+    """Write ``dst``: the checkpoint ``src`` with its linear weights quantized to ``fmt``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if fmt == "gptq" and bits not in SUPPORTED_BITS:
+        raise ValueError(f"gptq: bits={bits} is not supported (supported: {SUPPORTED_BITS})")
+    if fmt == "awq" and bits != 4:
+        raise ValueError("awq: only 4 bits")
+    config = json.loads((Path(src) / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
+
+    def convert(name, tensor):
+        if not is_quantizable(name):
+            return {name: tensor}
+        base = name[: -len(".weight")]
+        if fmt == "gptq":
+            order = act_order(name, tensor.shape[1]) if desc_act else None
+            parts = gptq_quantize(tensor, bits, group_size, sym, order)
+        elif fmt == "awq":
+            parts = awq_quantize(tensor, group_size)
+        else:
+            parts = fp8_quantize(tensor)
+        return {f"{base}.{k}": v for k, v in parts.items()}
+
+    if fmt == "gptq":
+        qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+                "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "lm_head": False,
+                "checkpoint_format": "gptq", "quantizer": ["tokenmill (round-to-nearest)"]}
+    elif fmt == "awq":
+        qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": None}
+    else:
+        qcfg = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    out = rewrite_checkpoint(src, dst, convert, config_update={"quantization_config": qcfg})
+    if fmt == "gptq":  # AutoGPTQ also writes its own config file next to the weights
+        (out / "quantize_config.json").write_text(
+            json.dumps({k: v for k, v in qcfg.items() if k != "quant_method"}, indent=2) + "\n")
+    return out
