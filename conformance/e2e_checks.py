@@ -56,6 +56,26 @@ def reference_tokens(arch: str, dtype_name: str) -> tuple:
     return tuple(tuple(toks) for toks, _ in out)
 
 
+@functools.lru_cache(maxsize=None)
+def hf_tokens(arch: str) -> tuple:
+    """Greedy tokens of HF transformers (float32, CPU) on the same prompts (cached per process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.models.loader import load_config
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    out = []
+    for p in _prompts(load_config(path).vocab_size):
+        with torch.inference_mode():
+            seq = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                              do_sample=False, pad_token_id=0)
+        out.append(tuple(seq[0, len(p):].tolist()))
+    return tuple(out)
+
+
 def _describe_mismatch(got, want) -> str:
     for i, (g, w) in enumerate(zip(got, want)):
         if list(g) != list(w):
@@ -134,9 +154,67 @@ def engine_check(target, platform_name: str, arch: str, dtype_name: str) -> str:
     got = tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
     want = reference_tokens(arch, dtype_name)
     assert got == want, f"{arch} through the engine: {_describe_mismatch(got, want)}"
+    hf = " and to HF transformers'" if dtype_name == "float32" else ""
+    if hf:
+        assert got == hf_tokens(arch), f"{arch} through the engine vs HF: {_describe_mismatch(got, hf_tokens(arch))}"
     runner = engine.runner
-    return (f"engine on {platform_name}: {sum(map(len, got))} greedy tokens identical; attention "
-            f"{runner.backend.name}; kernels {runner.kernels.providers}")
+    return (f"engine on {platform_name}: {sum(map(len, got))} greedy tokens identical to the reference's{hf}; "
+            f"attention {runner.backend.name}; kernels {runner.kernels.providers}")
+
+
+#: The workload of the static-shape check: the e2e prompts, chunked, with small buckets.
+STATIC_BUCKETS = dict(token_buckets=(16, 32), seq_buckets=(1, 2, 4), width_buckets=(1, 2, 4, 8, 16))
+
+
+def static_shape_check(target, platform, arch: str = MODELS[0]) -> str:
+    """Workload W through the engine on a static-shape platform: compilations bounded by the buckets.
+
+    Counts compilations through ``platform.compile_count()``: running W must compile at
+    most one graph per bucket combination its steps used, and running W again nothing.
+    """
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.engine_core import EngineCore
+    from tokenmill.models.loader import load_config
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    dtype_name = "float32" if "float32" in platform.capabilities.dtypes else platform.capabilities.dtypes[0]
+    config = EngineConfig.from_kwargs(str(path), device=platform.name, dtype=dtype_name, block_size=BLOCK_SIZE,
+                                      max_num_batched_tokens=CHUNK * 2, max_num_seqs=4, kv_cache_memory=16 << 20,
+                                      max_model_len=256, enable_prefix_caching=False, **STATIC_BUCKETS)
+    engine = EngineCore(config, plugin_manager=target.pm)
+    buckets = engine.runner.buckets
+    assert buckets is not None, "static_shapes declared but the model runner does not pad to buckets"
+    prompts = _prompts(load_config(path).vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+
+    def workload(tag):
+        tokens = {f"{tag}{i}": [] for i in range(len(prompts))}
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}{i}", p, params)
+        while engine.has_unfinished():
+            for u in engine.step():
+                tokens[u.request_id].extend(u.new_token_ids)
+        return tuple(tuple(t) for t in tokens.values())
+
+    before = platform.compile_count()
+    assert isinstance(before, int), f"static_shapes declared but compile_count() returned {before!r}, not an int"
+    steps0 = engine.stats().steps
+    got = workload("a")
+    first = platform.compile_count() - before
+    steps = engine.stats().steps - steps0
+    again = workload("b")
+    second = platform.compile_count() - before - first
+    assert got == again == reference_tokens(arch, dtype_name), \
+        f"padded steps changed the tokens: {_describe_mismatch(got, reference_tokens(arch, dtype_name))}"
+    used = len(buckets.seen)
+    assert first <= used, (f"W ({steps} steps) compiled {first} graphs but used only {used} bucket combinations "
+                           f"({buckets.describe()}): shapes leak past the buckets")
+    assert second == 0, f"running W again compiled {second} new graphs: some shape is not bucketed"
+    return (f"W = {len(prompts)} prompts x {MAX_NEW_TOKENS} tokens, {steps} steps: compiled {first} graphs for "
+            f"{used} bucket combinations used (of {buckets.num_combinations}: {buckets.describe()}); "
+            f"W again: {second} new")
 
 
 def e2e_checks(target, platform, platform_name: str, device, device_skip: str | None, dtypes: list[str]) -> list[Check]:

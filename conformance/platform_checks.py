@@ -157,28 +157,26 @@ def platform_checks(target, platform) -> list[Check]:
         if not platform.capabilities.graphs:
             raise Skip("graph capture not declared")
         _available(platform)
-        if platform.torch_device_type != "cuda" or not hasattr(torch.cuda, "CUDAGraph"):
-            raise Skip(f"no generic graph-capture check for device type {platform.torch_device_type}")
         dev = platform.device()
         static = torch.zeros(8, device=dev)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            out = static * 2 + 1
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = static * 2 + 1
-        static.copy_(torch.arange(8, dtype=torch.float32, device=dev))
-        graph.replay()
-        platform.synchronize()
-        assert out.cpu().tolist() == [2.0 * i + 1 for i in range(8)], "a replayed graph computed the wrong values"
-        return "captured and replayed a CUDA graph"
+        graph = platform.capture_graph(lambda: static * 2 + 1, pool=platform.graph_pool())
+        for step in range(2):
+            static.copy_(torch.arange(8, dtype=torch.float32, device=dev) + step)
+            out = graph.replay()
+            platform.synchronize()
+            assert out.cpu().tolist() == [2.0 * (i + step) + 1 for i in range(8)], \
+                "a replayed graph computed the wrong values"
+        return "captured once through capture_graph() and replayed on new inputs"
 
     def static_shapes():
         flag = platform.capabilities.static_shapes
         assert isinstance(flag, bool), "static_shapes must be a bool"
-        return "declared: the runner buckets shapes" if flag else "not declared: dynamic shapes"
+        if not flag:
+            raise Skip("static shapes not declared: steps run unpadded")
+        _available(platform)
+        from tokenmill.conformance.e2e_checks import static_shape_check
+
+        return static_shape_check(target, platform)
 
     checks = [
         ("availability", "availability() answers without raising and says why when unavailable", availability),
@@ -192,6 +190,7 @@ def platform_checks(target, platform) -> list[Check]:
         ("capability/fp8", "declared fp8: float8 tensors work on the device", fp8),
         ("capability/pinned_memory", "declared pinned memory: pin_memory() page-locks", pinned_memory),
         ("capability/graphs", "declared graphs: a graph captures and replays", graphs),
-        ("capability/static_shapes", "static_shapes is a bool", static_shapes),
+        ("capability/static_shapes", "declared static shapes: workload W compiles at most one graph per bucket "
+                                     "used, and nothing when run again", static_shapes),
     ]
     return [Check(f"platform/{name}/{cid}", "platform", title, fn) for cid, title, fn in checks]

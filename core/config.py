@@ -119,6 +119,34 @@ class ParallelConfig:
         return "uni" if self.tensor_parallel_size == 1 else "mp"
 
 
+def _buckets(name: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or not value:
+        raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {value!r}")
+    for v in value:
+        _positive(name, v)
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """Shape buckets of a static-shape platform (see :mod:`tokenmill.engine.buckets`).
+
+    Each step is padded to the smallest bucket that fits its number of tokens, of
+    sequences and its block-table width (blocks per sequence). None: powers of two up to
+    ``max_num_batched_tokens`` (from 16), ``max_num_seqs`` and the blocks of ``max_model_len``.
+    Read only when the platform declares ``static_shapes``.
+    """
+
+    token_buckets: tuple[int, ...] | None = None
+    seq_buckets: tuple[int, ...] | None = None
+    width_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            _buckets(f.name, getattr(self, f.name))
+
+
 @dataclass(frozen=True)
 class GuidedConfig:
     """Structured output: the backend a request gets when it names none (``auto``: xgrammar,
@@ -151,6 +179,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     guided: GuidedConfig = field(default_factory=GuidedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
     device: str = "auto"
     seed: int = 0
     #: Run the core's reference ops and attention even where a plugin registered faster ones.
@@ -161,7 +190,7 @@ class EngineConfig:
         """Split flat options (``dtype``, ``block_size``, ``max_num_seqs``, ``structured_output_backend``,
         ``jump_forward``...) into the sub-configs."""
         parts = {}
-        for sub in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
+        for sub in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, BucketConfig):
             names = {f.name for f in fields(sub)}
             parts[sub] = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         guided = {_GUIDED_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _GUIDED_KWARGS}
@@ -170,4 +199,5 @@ class EngineConfig:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
         return cls(model=ModelConfig(model=model, **parts[ModelConfig]), cache=CacheConfig(**parts[CacheConfig]),
                    scheduler=SchedulerConfig(**parts[SchedulerConfig]), guided=GuidedConfig(**guided),
-                   parallel=ParallelConfig(**parts[ParallelConfig]), **top)
+                   parallel=ParallelConfig(**parts[ParallelConfig]), buckets=BucketConfig(**parts[BucketConfig]),
+                   **top)

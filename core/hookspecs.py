@@ -27,7 +27,16 @@ def tokenmill_platforms():
     a ``priority`` for ``--device auto`` and an ``availability()`` that answers without
     raising, giving the reason when it is unavailable. Constructing a platform must be
     cheap and must not import vendor libraries (torch_xla, IPEX) eagerly: import them in
-    ``availability()`` or later.
+    ``availability()`` or later. GPU-like devices subclass
+    :class:`tokenmill.accelerator.AcceleratorPlatform` and add only their vendor specifics.
+
+    When the engine starts on a platform, the model runner calls, in this order:
+    ``device()``; ``capabilities`` (dtype check; ``static_shapes`` turns on shape buckets);
+    ``wrap_model(model)`` once, after the weights are loaded; ``kv_cache_budget()`` or
+    ``memory_info()`` to size the KV cache, then ``allocate()`` once per layer. Per step:
+    the forward, the sampled rows' logits, then ``step_end()`` before anything is read on
+    the host. ``compile_count()`` is read by the conformance suite (static-shape platforms);
+    ``capture_graph()`` by its graph check (platforms that declare ``graphs``).
     """
 
 

@@ -27,9 +27,12 @@ class Capabilities:
     """What a platform declares it can do; the conformance suite checks each flag.
 
     ``dtypes`` are torch dtype names (``"float32"``, ``"bfloat16"``, ``"float16"``).
-    ``fp8``: float8 matmul support. ``graphs``: graph capture (CUDA graphs and the like).
-    ``static_shapes``: every new input shape recompiles, so the runner should bucket shapes.
-    ``pinned_memory``: page-locked host memory for swapping KV blocks.
+    ``fp8``: float8 tensors and matmuls on the device.
+    ``graphs``: :meth:`Platform.capture_graph` captures device work once for replay.
+    ``static_shapes``: every new input shape compiles a new graph, so the model runner pads
+    each step to shape buckets (:mod:`tokenmill.engine.buckets`); :meth:`Platform.compile_count`
+    reports the compilations.
+    ``pinned_memory``: :meth:`Platform.pin_memory` page-locks host memory for swapping KV blocks.
     """
 
     dtypes: tuple[str, ...] = ("float32",)
@@ -109,6 +112,36 @@ class Platform:
     def pin_memory(self, tensor):
         """Return ``tensor`` in page-locked host memory when the platform supports it."""
         return tensor.pin_memory() if self.capabilities.pinned_memory else tensor
+
+    def wrap_model(self, model):
+        """Return the model to run: called once by the model runner, after the weights are
+        loaded on :meth:`device` and before the KV cache is allocated. A platform may compile
+        or trace it here; the default runs it as it is."""
+        return model
+
+    def step_end(self) -> None:
+        """Called by the model runner once per step, after the forward and the logits and
+        before anything is read back to the host (a lazy-tensor device cuts and launches its
+        graph here). The default does nothing."""
+
+    def compile_count(self) -> int | None:
+        """Graphs the device compiler has compiled in this process so far, or None when the
+        platform does not compile per input shape. A platform declaring ``static_shapes``
+        must count them: the conformance suite bounds the count by the shape buckets."""
+        return None
+
+    def capture_graph(self, fn, pool=None):
+        """Capture the device work of one call of ``fn`` into a graph (``capabilities.graphs``).
+
+        Returns an object whose ``replay()`` re-runs the captured work on the same buffers
+        and returns ``fn``'s outputs (refreshed in place). Called by the model runner once per
+        decode batch-size bucket, on first use; ``pool`` comes from :meth:`graph_pool`.
+        """
+        raise NotImplementedError(f"platform {self.name} does not capture graphs")
+
+    def graph_pool(self):
+        """A memory pool shared by the graphs :meth:`capture_graph` captures (None: none)."""
+        return None
 
     def describe(self) -> dict:
         """Facts for ``tokenmill plugins``; cheap, never raises."""

@@ -92,7 +92,7 @@ def test_cuda_reasons(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert CudaPlatform().availability().reason == "no CUDA device visible"
+    assert CudaPlatform().availability().reason == "no CUDA device visible (torch.cuda.is_available() is False)"
 
 
 @pytest.mark.parametrize("cc, fp8, bf16", [((9, 0), True, True), ((8, 9), True, True), ((8, 0), False, True),
@@ -123,7 +123,7 @@ def test_rocm_reasons(monkeypatch):
     assert RocmPlatform().availability().reason == "torch built without ROCm (torch.version.hip is None)"
     monkeypatch.setattr(torch.version, "hip", "6.4.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert RocmPlatform().availability().reason == "no ROCm (HIP) device visible"
+    assert RocmPlatform().availability().reason == "no ROCm (HIP) device visible (torch.cuda.is_available() is False)"
 
 
 @pytest.mark.parametrize("arch, fp8", [("gfx942:sramecc+:xnack-", True), ("gfx950", True), ("gfx90a:sramecc+", False),
@@ -243,3 +243,145 @@ def test_engine_on_cpu_sizes_its_kv_pool_from_the_env(monkeypatch):
     monkeypatch.setenv(cpu_platform.ENV_KV_SPACE, "0.01")
     engine = LLM(model=str(make_tiny_model("llama")), dtype="float32", device="cpu").engine
     assert engine.kv.num_blocks == int(0.01 * (1 << 30)) // engine.runner.block_bytes()
+
+
+# -- the shared accelerator base ----------------------------------------------------------------
+
+VENDOR_ONLY = {"name", "ray_resource", "torch_device_type", "priority", "dist_backend", "label", "graph_class", "build_problem",
+               "probe_capabilities", "device_facts", "runtime_facts", "arch", "ipex", "__doc__", "__module__",
+               "__qualname__", "__firstlineno__", "__static_attributes__"}
+
+
+@pytest.mark.parametrize("cls", [CudaPlatform, RocmPlatform, XpuPlatform])
+def test_gpu_platforms_hold_only_vendor_specifics(cls):
+    from tokenmill.accelerator import AcceleratorPlatform
+
+    assert issubclass(cls, AcceleratorPlatform)
+    extra = set(vars(cls)) - VENDOR_ONLY
+    assert not extra, f"{cls.__name__} re-implements {sorted(extra)}: that belongs in tokenmill.accelerator"
+
+
+class _FakeGraph:
+    captured = 0
+
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+class _FakeDeviceModule:
+    """A device module as torch.get_device_module returns one, for a machine without the device."""
+
+    def __init__(self, with_mem_get_info=True):
+        self.log = []
+        if with_mem_get_info:
+            self.mem_get_info = lambda index=0: (5 << 30, 24 << 30)
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return 2
+
+    def get_device_properties(self, index=0):
+        return types.SimpleNamespace(name=f"fake{index}", total_memory=24 << 30)
+
+    def memory_reserved(self, index=0):
+        return 4 << 30
+
+    def empty_cache(self):
+        self.log.append("empty_cache")
+
+    def synchronize(self):
+        self.log.append("synchronize")
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def current_stream(self):
+        return self.Stream()
+
+    def stream(self, s):
+        import contextlib
+
+        self.log.append("side stream")
+        return contextlib.nullcontext()
+
+    FakeGraph = _FakeGraph
+
+    def graph(self, g, pool=None):
+        import contextlib
+
+        log = self.log
+
+        @contextlib.contextmanager
+        def capture():
+            log.append(("capture", pool))
+            yield
+            log.append("captured")
+        return capture()
+
+    def graph_pool_handle(self):
+        return "pool"
+
+
+def _fake_accelerator(module, graphs=True):
+    from tokenmill.accelerator import AcceleratorPlatform
+
+    class Fake(AcceleratorPlatform):
+        name = "fakegpu"
+        torch_device_type = "cuda"
+        label = "Fake"
+        graph_class = "FakeGraph" if graphs else None
+
+        def device_module(self):
+            return module
+
+    return Fake()
+
+
+def test_accelerator_base_memory_allocator_and_describe_through_the_device_module():
+    mod = _FakeDeviceModule()
+    p = _fake_accelerator(mod)
+    assert p.availability()
+    assert (p.memory_info().free, p.memory_info().total) == (5 << 30, 24 << 30)
+    p.free(torch.zeros(1))
+    assert mod.log == ["empty_cache"]
+    facts = p.describe()
+    assert facts["device_count"] == 2 and [d["name"] for d in facts["devices"]] == ["fake0", "fake1"]
+    caps = p.capabilities
+    assert caps.graphs and caps.pinned_memory and not caps.static_shapes
+    # a backend without a driver memory query: free is what the caching allocator has not reserved
+    bare = _fake_accelerator(_FakeDeviceModule(with_mem_get_info=False))
+    assert (bare.memory_info().free, bare.memory_info().total) == (20 << 30, 24 << 30)
+
+
+def test_accelerator_base_captures_a_graph_after_warming_up_on_a_side_stream():
+    mod = _FakeDeviceModule()
+    p = _fake_accelerator(mod)
+    calls = []
+    out = torch.zeros(3)
+
+    def fn():
+        calls.append(len(mod.log))
+        return out
+
+    graph = p.capture_graph(fn, pool=p.graph_pool())
+    assert len(calls) == 3  # two warm-up calls, one captured
+    assert mod.log == ["side stream", ("capture", "pool"), "captured"]
+    assert graph.replay() is out and graph.graph.replays == 1
+    with pytest.raises(NotImplementedError, match="does not capture graphs"):
+        _fake_accelerator(mod, graphs=False).capture_graph(fn)
+
+
+def test_accelerator_base_reports_a_missing_device_module(monkeypatch):
+    from tokenmill.accelerator import AcceleratorPlatform
+
+    class Nope(AcceleratorPlatform):
+        name, torch_device_type, label = "nope", "nosuchdevice", "Nope"
+
+    assert Nope().availability().reason == f"torch {torch.__version__} has no torch.nosuchdevice module"
+    assert Nope().capabilities.graphs is False and Nope().describe()["torch"] == torch.__version__

@@ -13,6 +13,12 @@ Layout of a batch of ``S`` sequences and ``T = sum(query_lens)`` new tokens:
 * ``meta.slot_mapping``: int64 ``[T]``; the flat cache slot (``block * block_size + offset``)
   where each new token's K and V are written; ``-1`` means do not write.
 
+On a platform with static shapes the model runner pads the batch to shape buckets
+(:mod:`tokenmill.engine.buckets`): padding sequences have query length 0 and context
+length 0 (a block-table row of zeros), and padding tokens come after every real
+sequence's rows (``query_start_loc[S]`` onward) with slot ``-1``; their output rows are
+ignored, but must not disturb the real rows.
+
 The backend writes the new K/V into the cache, then computes causal attention of each
 new token over its sequence's context (all earlier tokens plus itself), restricted to the
 last ``sliding_window`` positions when that is set. GQA: query head ``h`` reads KV head

@@ -14,6 +14,14 @@ def _bytes(text: str) -> int:
     return int(float(t))
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """Parse ``16,64,256`` into ``(16, 64, 256)``."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="auto", help="platform name (cpu, cuda, rocm, xpu, tpu) or auto")
@@ -42,6 +50,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a collective or a rank's start-up may take before the step fails")
     g.add_argument("--reference-ops", action="store_true",
                    help="use the core's reference ops and attention, ignoring plugins' faster ones")
+    b = p.add_argument_group("shape buckets (platforms with static shapes, e.g. tpu)")
+    b.add_argument("--token-buckets", type=_int_list, default=None,
+                   help="tokens per step to pad to, e.g. 16,64,256 (default: powers of two up to the token budget)")
+    b.add_argument("--seq-buckets", type=_int_list, default=None,
+                   help="sequences per step to pad to (default: powers of two up to --max-num-seqs)")
+    b.add_argument("--width-buckets", type=_int_list, default=None,
+                   help="block-table widths to pad to (default: powers of two up to max-model-len's blocks)")
 
 
 def engine_kwargs(args) -> dict:
@@ -54,4 +69,5 @@ def engine_kwargs(args) -> dict:
                 reference_ops=args.reference_ops, structured_output_backend=args.structured_output_backend,
                 jump_forward=args.jump_forward, tensor_parallel_size=args.tensor_parallel_size,
                 distributed_executor_backend=args.distributed_executor_backend,
-                distributed_timeout=args.distributed_timeout)
+                distributed_timeout=args.distributed_timeout,
+                token_buckets=args.token_buckets, seq_buckets=args.seq_buckets, width_buckets=args.width_buckets)

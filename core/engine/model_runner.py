@@ -15,6 +15,7 @@ import torch
 
 from tokenmill.attention.interface import AttentionMetadata, AttentionSpec
 from tokenmill.engine.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
+from tokenmill.engine.buckets import ShapeBuckets, pad_rows, pad_step
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
@@ -80,7 +81,7 @@ class ModelRunner:
                              f"parallelism yet (tensor_parallel_size={self.tp.size}); use one rank")
         ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device,
                            quantization=self.quantization, tp=self.tp)
-        self.model = load_model(config.model.model, ctx, plugin_manager.model_architectures())
+        self.model = platform.wrap_model(load_model(config.model.model, ctx, plugin_manager.model_architectures()))
         self.num_layers, spec = self.model.attention_spec()
         self.spec = rank_attention_spec(spec, self.tp)
         self.block_size = config.cache.block_size
@@ -88,6 +89,15 @@ class ModelRunner:
         self.sampler = Sampler()
         #: Structured output (a GuidedRuntime), set by the engine when the first constrained request arrives.
         self.guided = None
+        #: Shape buckets every step is padded to, on a platform that declares static shapes.
+        self.buckets: ShapeBuckets | None = None
+        if platform.capabilities.static_shapes:
+            max_len = config.model.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048
+            sched = config.scheduler
+            self.buckets = ShapeBuckets.from_config(config.buckets, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                                    -(-max_len // self.block_size))
+            log.info("model runner: %s declares static shapes; steps are padded to buckets: %s", platform.name,
+                     self.buckets.describe())
         self._states: dict[int, _SeqState] = {}
         self.kv_caches: list[torch.Tensor] = []
 
@@ -156,6 +166,8 @@ class ModelRunner:
             seq_lens.append(start + n)
             query_lens.append(n)
             tables.append(table)
+        if self.buckets is not None:
+            pad_step(self.buckets, input_ids, positions, slots, query_lens, seq_lens, tables)
         dev = self.device
         meta = AttentionMetadata.from_lists(query_lens, seq_lens, tables, slots, bs, dev)
         qsl = [0, *accumulate(query_lens)]
@@ -192,8 +204,14 @@ class ModelRunner:
             if item.sample:
                 sample_rows.extend([qsl[i + 1] - 1] * item.num_samples)
                 sample_items.append((item, st))
+        logits = None
         if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            rows = sample_rows if self.buckets is None else pad_rows(self.buckets, sample_rows)
+            logits = self.model.compute_logits(hidden[rows])
+        self.platform.step_end()
+        if logits is not None:
+            if self.buckets is not None:  # a static-shape device samples on the host: no graph per batch
+                logits = logits.cpu()[:len(sample_rows)]
             self._sample(logits, sample_items, result)
         for i, item, st in prompt_items:
             self._prompt_logprobs(hidden[qsl[i]:qsl[i + 1]], item, st, result)

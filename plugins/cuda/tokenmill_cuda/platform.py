@@ -1,10 +1,17 @@
-"""The NVIDIA CUDA platform: torch.cuda on a CUDA build of torch, NCCL for collectives."""
+"""The NVIDIA CUDA platform: a CUDA build of torch, NCCL collectives, CUDA graphs.
+
+Everything device-generic (memory, allocator, synchronisation, graph capture, describe)
+comes from :class:`tokenmill.accelerator.AcceleratorPlatform`; this module holds only
+what is NVIDIA's: telling a CUDA build from a ROCm one, and what a compute capability
+implies (bf16 from 8.0, FP8 from 8.9).
+"""
 from __future__ import annotations
 
-from tokenmill.platform import Availability, Capabilities, MemoryInfo, Platform
+from tokenmill.accelerator import AcceleratorPlatform
+from tokenmill.platform import Capabilities
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(AcceleratorPlatform):
     """NVIDIA GPUs. FP8 needs compute capability 8.9 (Ada) or newer; bf16 needs 8.0."""
 
     name = "cuda"
@@ -12,76 +19,31 @@ class CudaPlatform(Platform):
     priority = 100
     dist_backend = "nccl"
     ray_resource = "GPU"
+    label = "CUDA"
+    graph_class = "CUDAGraph"
 
-    def __init__(self):
-        self._capabilities: Capabilities | None = None
-
-    def availability(self) -> Availability:
-        try:
-            import torch
-        except Exception as exc:  # noqa: BLE001 - availability() never raises
-            return Availability(False, f"torch failed to import: {type(exc).__name__}: {exc}")
+    def build_problem(self, torch) -> str | None:
         if not getattr(torch.version, "cuda", None):
             hint = " (this is a ROCm build: use --device rocm)" if getattr(torch.version, "hip", None) else ""
-            return Availability(False, f"torch built without CUDA (torch.version.cuda is None){hint}")
-        try:
-            if not torch.cuda.is_available():
-                return Availability(False, "no CUDA device visible")
-        except Exception as exc:  # noqa: BLE001
-            return Availability(False, f"CUDA initialisation failed: {type(exc).__name__}: {exc}")
-        return Availability(True)
+            return f"torch built without CUDA (torch.version.cuda is None){hint}"
+        return None
 
-    @property
-    def capabilities(self) -> Capabilities:
-        if self._capabilities is None:
-            self._capabilities = self._probe_capabilities()
-        return self._capabilities
-
-    def _probe_capabilities(self) -> Capabilities:
-        major, minor = 0, 0
-        if self.availability():
-            import torch
-
-            major, minor = torch.cuda.get_device_capability(0)
+    def probe_capabilities(self, available: bool) -> Capabilities:
+        major, minor = self.device_module().get_device_capability(0) if available else (0, 0)
         dtypes = ("float32", "float16", "bfloat16") if major >= 8 else ("float32", "float16")
         return Capabilities(dtypes=dtypes, fp8=(major, minor) >= (8, 9), graphs=True, static_shapes=False,
                             pinned_memory=True)
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        import torch
+    def device_facts(self, index: int) -> dict:
+        props = self.device_module().get_device_properties(index)
+        return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                "total_memory": props.total_memory}
 
-        free, total = torch.cuda.mem_get_info(index)
-        return MemoryInfo(free=int(free), total=int(total))
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def free(self, tensor) -> None:
-        import torch
-
-        del tensor
-        torch.cuda.empty_cache()
-
-    def describe(self) -> dict:
-        facts: dict = {}
-        try:
-            import torch
-
-            facts["torch"] = torch.__version__
-            facts["cuda_runtime"] = torch.version.cuda
-            if self.availability():
-                facts["device_count"] = torch.cuda.device_count()
-                facts["devices"] = []
-                for i in range(torch.cuda.device_count()):
-                    props = torch.cuda.get_device_properties(i)
-                    facts["devices"].append({"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                                             "total_memory": props.total_memory})
-                try:
-                    facts["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
-                except Exception:  # noqa: BLE001 - NCCL is optional for one GPU
-                    facts["nccl"] = None
-        except Exception as exc:  # noqa: BLE001 - describe() never raises
-            facts["error"] = f"{type(exc).__name__}: {exc}"
+    def runtime_facts(self, torch) -> dict:
+        facts = {"cuda_runtime": torch.version.cuda}
+        if self.availability():
+            try:
+                facts["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+            except Exception:  # noqa: BLE001 - NCCL is optional for one GPU
+                facts["nccl"] = None
         return facts

@@ -1,10 +1,14 @@
 """The AMD ROCm platform: a HIP build of torch exposes AMD GPUs as ``torch.cuda``.
 
 Collectives go through torch's ``nccl`` backend, which ROCm builds back with RCCL.
+Everything device-generic comes from :class:`tokenmill.accelerator.AcceleratorPlatform`;
+this module holds only what is AMD's: telling a HIP build apart and what a gfx
+architecture implies (FP8 on MI300/MI350).
 """
 from __future__ import annotations
 
-from tokenmill.platform import Availability, Capabilities, MemoryInfo, Platform
+from tokenmill.accelerator import AcceleratorPlatform
+from tokenmill.platform import Capabilities
 
 #: Architectures (gcnArchName prefixes) with hardware FP8: MI300 (gfx94x) and MI350 (gfx95x).
 FP8_ARCH_PREFIXES = ("gfx94", "gfx95")
@@ -15,7 +19,7 @@ def gfx_arch(gcn_arch_name: str) -> str:
     return gcn_arch_name.split(":", 1)[0].strip()
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(AcceleratorPlatform):
     """AMD Instinct and Radeon GPUs through ROCm."""
 
     name = "rocm"
@@ -23,69 +27,26 @@ class RocmPlatform(Platform):
     priority = 100
     dist_backend = "nccl"
     ray_resource = "GPU"
+    label = "ROCm (HIP)"
+    graph_class = "CUDAGraph"  # HIP graphs, under torch.cuda's name
 
-    def __init__(self):
-        self._capabilities: Capabilities | None = None
-
-    def availability(self) -> Availability:
-        try:
-            import torch
-        except Exception as exc:  # noqa: BLE001 - availability() never raises
-            return Availability(False, f"torch failed to import: {type(exc).__name__}: {exc}")
+    def build_problem(self, torch) -> str | None:
         if not getattr(torch.version, "hip", None):
-            return Availability(False, "torch built without ROCm (torch.version.hip is None)")
-        try:
-            if not torch.cuda.is_available():
-                return Availability(False, "no ROCm (HIP) device visible")
-        except Exception as exc:  # noqa: BLE001
-            return Availability(False, f"HIP initialisation failed: {type(exc).__name__}: {exc}")
-        return Availability(True)
+            return "torch built without ROCm (torch.version.hip is None)"
+        return None
 
     def arch(self, index: int = 0) -> str:
         """The device's gfx architecture, e.g. ``"gfx942"``."""
-        import torch
+        return gfx_arch(self.device_module().get_device_properties(index).gcnArchName)
 
-        return gfx_arch(torch.cuda.get_device_properties(index).gcnArchName)
+    def probe_capabilities(self, available: bool) -> Capabilities:
+        fp8 = available and self.arch(0).startswith(FP8_ARCH_PREFIXES)
+        return Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=fp8, graphs=True, static_shapes=False,
+                            pinned_memory=True)
 
-    @property
-    def capabilities(self) -> Capabilities:
-        if self._capabilities is None:
-            fp8 = bool(self.availability()) and self.arch(0).startswith(FP8_ARCH_PREFIXES)
-            self._capabilities = Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=fp8, graphs=True,
-                                              static_shapes=False, pinned_memory=True)
-        return self._capabilities
+    def device_facts(self, index: int) -> dict:
+        props = self.device_module().get_device_properties(index)
+        return {"name": props.name, "arch": gfx_arch(props.gcnArchName), "total_memory": props.total_memory}
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        import torch
-
-        free, total = torch.cuda.mem_get_info(index)
-        return MemoryInfo(free=int(free), total=int(total))
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def free(self, tensor) -> None:
-        import torch
-
-        del tensor
-        torch.cuda.empty_cache()
-
-    def describe(self) -> dict:
-        facts: dict = {}
-        try:
-            import torch
-
-            facts["torch"] = torch.__version__
-            facts["hip"] = getattr(torch.version, "hip", None)
-            if self.availability():
-                facts["device_count"] = torch.cuda.device_count()
-                facts["devices"] = []
-                for i in range(torch.cuda.device_count()):
-                    props = torch.cuda.get_device_properties(i)
-                    facts["devices"].append({"name": props.name, "arch": gfx_arch(props.gcnArchName),
-                                             "total_memory": props.total_memory})
-        except Exception as exc:  # noqa: BLE001 - describe() never raises
-            facts["error"] = f"{type(exc).__name__}: {exc}"
-        return facts
+    def runtime_facts(self, torch) -> dict:
+        return {"hip": getattr(torch.version, "hip", None)}
