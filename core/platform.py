@@ -119,6 +119,13 @@ class Platform:
         or trace it here; the default runs it as it is."""
         return model
 
+    def inference_mode(self):
+        """The autograd context every step runs in: ``torch.inference_mode()``, or ``torch.no_grad()``
+        on devices whose tensors do not support inference mode."""
+        import torch
+
+        return torch.inference_mode()
+
     def step_end(self) -> None:
         """Called by the model runner once per step, after the forward and the logits and
         before anything is read back to the host (a lazy-tensor device cuts and launches its

@@ -106,7 +106,10 @@ def test_plugins_declare_the_current_contract():
 def test_root_extras_and_the_install_command_cover_every_plugin():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for name in PLATFORMS:
-        assert project["optional-dependencies"][name] == [f"tokenmill-{name}"]
+        # tpu: the plugin's xla extra pins torch-xla and the torch it accepts (same minor)
+        assert project["optional-dependencies"][name] == [f"tokenmill-{name}" + ("[xla]" if name == "tpu" else "")]
+    tpu = tomllib.loads((ROOT / "plugins" / "tpu" / "pyproject.toml").read_text())["project"]
+    assert tpu["optional-dependencies"]["xla"] == ["torch-xla[tpu]>=2.9,<2.10", "torch>=2.9,<2.10"]
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements-dev.txt").read_text().splitlines()]
     lines = [line for line in lines if line]
     assert lines[0] == "-c constraints.txt"

@@ -218,9 +218,12 @@ def test_tpu_without_torch_xla():
     assert TpuPlatform().availability().reason == "torch_xla is not installed"
 
 
-def test_tpu_refuses_a_cpu_pjrt_device(fake_torch_xla, monkeypatch):
+def test_tpu_runs_on_xla_cpu_below_the_cpu_platform(fake_torch_xla, monkeypatch):
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
-    assert TpuPlatform().availability().reason == "torch_xla found but PJRT device is CPU, not TPU"
+    tpu = TpuPlatform()
+    assert tpu.availability() and tpu.priority < CpuPlatform().priority  # --device auto never picks XLA:CPU
+    monkeypatch.setenv("PJRT_DEVICE", "CUDA")
+    assert TpuPlatform().availability().reason == "torch_xla found but PJRT device is CUDA, not TPU (or CPU)"
     monkeypatch.delenv("PJRT_DEVICE")
     assert "no PJRT device selected" in TpuPlatform().availability().reason
 
@@ -231,6 +234,7 @@ def test_tpu_available_with_a_tpu_pjrt_device(fake_torch_xla, monkeypatch):
     assert tpu.availability()
     mem = tpu.memory_info()
     assert (mem.free, mem.total) == (15 << 30, 16 << 30)
+    assert tpu.priority == 80
     monkeypatch.setenv("FAKE_TPU_COUNT", "0")
     assert tpu.availability().reason == "torch_xla found but no TPU device visible"
 

@@ -185,8 +185,11 @@ class ModelRunner:
         gen.manual_seed((seed + index) & 0xFFFF_FFFF_FFFF_FFFF)
         return gen
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        with self.platform.inference_mode():
+            return self._execute(out)
+
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._apply_plan_state(out)
         result = RunnerOutput()
         if out.is_empty:

@@ -70,7 +70,7 @@ class SimpleRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                 meta)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: XLA tensors do not support it
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits ``[len(token_ids), vocab]`` of one prompt prefilled in a single step."""
         seq = _Seq(list(token_ids), len(token_ids), 0)
@@ -78,7 +78,7 @@ class SimpleRunner:
         self.backend.prepare(meta)
         return self.model.compute_logits(self.model.forward(input_ids, positions, self.kv_caches, meta))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: XLA tensors do not support it
     def generate(self, prompts: list[list[int]], max_new_tokens: int, chunk_size: int | None = None):
         """Greedy-decode every prompt for ``max_new_tokens`` (no stop tokens).
 

@@ -17,5 +17,20 @@ def tokenmill_platforms():
     return [TpuPlatform()]
 
 
-# XLA-friendly kernels and a static-shape attention backend register here through
-# ``tokenmill_kernels`` and ``tokenmill_attention_backends`` for the platform name "tpu".
+# Ragged paged attention with static-shape K/V writes (tokenmill_tpu.attention). The ops
+# (norms, rotary, activation) are the core's reference: plain torch, which XLA traces as is.
+@hookimpl
+def tokenmill_attention_backends():
+    from tokenmill_tpu.attention import XlaPagedAttention
+
+    return [XlaPagedAttention]
+
+
+def conformance_facts() -> dict:
+    """Which attention path serves, for the conformance report's header (not a hook)."""
+    from tokenmill_tpu.attention import MODE_ENV, attention_mode
+
+    try:
+        return {"xla attention": attention_mode(), "set by": MODE_ENV}
+    except Exception as exc:  # noqa: BLE001 - informational
+        return {"xla attention": f"unknown ({type(exc).__name__}: {exc})"}
