@@ -38,6 +38,13 @@ def tokenmill_kernels():
     return impls + ipex_kernels("tokenmill-cpu")
 
 
+@hookimpl
+def tokenmill_quantization_methods():
+    from tokenmill_cpu.quant import CPU_QUANT_METHODS
+
+    return list(CPU_QUANT_METHODS)
+
+
 def conformance_facts() -> dict:
     """Which fast paths are in use here, for the conformance report's header (not a hook)."""
     from tokenmill_cpu import native
