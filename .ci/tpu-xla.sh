@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch_xla" 2>/
   # torch-xla 2.9 needs torch 2.9 (constraints.txt pins the main venv's torch, so it is not used here)
   env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install --progress-bar off "torch==2.9.*" "torch-xla==2.9.*"
 fi
-torch=$("$venv/bin/python" -c "import torch; print(torch.__version__)")
+torch=$("$venv/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==$torch" > "$venv/constraints.txt"
 env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install -q -c "$venv/constraints.txt" pluggy \
   "transformers>=4.45" tokenizers safetensors tqdm jinja2 fastapi uvicorn pydantic prometheus-client httpx \
