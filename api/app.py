@@ -15,10 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.api.async_engine import AsyncEngine
 from tokenmill.api.chat import create_chat_completion, render
 from tokenmill.api.completions import create_completion
+from tokenmill.api.embeddings import EmbeddingRequest, create_embedding, hidden_size, resolve_pooling
 from tokenmill.api.errors import SafeJSONResponse, bad_request, error_body, install_error_handlers
 from tokenmill.api.metrics import CONTENT_TYPE, Metrics
+from tokenmill.api.models import add_model_routes
 from tokenmill.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tokenmill.api.responses import ResponsesRequest, create_response
 from tokenmill.api.serving import Serving
+from tokenmill.api.store import CompletionStore, add_store_routes
 from tokenmill.api.tool_calls import prepare, template_messages
 from tokenmill.api.worker_info import ROUTER_OPEN_PATHS, add_worker_routes
 from tokenmill.version import __version__
@@ -39,6 +43,10 @@ class AppSettings:
     max_body_bytes: int = 16 << 20
     tool_call_parser: str | None = None
     max_n: int = 128
+    #: SQLite database of stored chat completions (``--store PATH``); None: storing is off.
+    store_path: str | None = None
+    #: How ``/v1/embeddings`` pools hidden states: ``auto``, ``last`` or ``mean`` (see api/embeddings.py).
+    embedding_pooling: str = "auto"
 
 
 class _Gate:
@@ -144,12 +152,19 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     engine.metrics = metrics
     srv = Serving(engine, engine.tokenizer, list(settings.model_names), settings.model_path,
                   settings.tool_call_parser, max_n=settings.max_n)
+    srv.store = CompletionStore(settings.store_path) if settings.store_path else None
+    pooling, embedding_size = resolve_pooling(settings.embedding_pooling, settings.model_path), \
+        hidden_size(settings.model_path)
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
-        yield
+        try:
+            yield
+        finally:
+            if srv.store is not None:
+                srv.store.close()
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, default_response_class=SafeJSONResponse)
     app.state.serving = srv
@@ -167,11 +182,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     async def version():
         return {"version": __version__}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": started, "owned_by": "tokenmill", "root": name,
-             "parent": None, "max_model_len": srv.max_model_len} for name in settings.model_names]}
+    add_model_routes(app, srv, settings.model_names, started)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -180,6 +191,16 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await cancel_on_disconnect(request, create_chat_completion(srv, req))
+
+    add_store_routes(app, srv.store)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        return await cancel_on_disconnect(request, create_embedding(srv, req, pooling, embedding_size))
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        return await cancel_on_disconnect(request, create_response(srv, req))
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):

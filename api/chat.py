@@ -9,6 +9,7 @@ from tokenmill.api.protocol import ChatCompletionRequest
 from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 from tokenmill.api.tool_calls import adjust_params, message, prepare, streamer, template_messages
 from tokenmill.guided.tools import ToolCalling
+from tokenmill.api.store import check_metadata, disabled, stored_message
 from tokenmill.tokenizer import render_chat
 
 
@@ -44,22 +45,33 @@ async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
         kwargs["tools"] = calling.tools
     text, ids = render(srv, template_messages(conversation), req.add_generation_prompt, req.continue_final_message,
                        req.add_special_tokens, req.chat_template, kwargs)
+    if req.store and srv.store is None:
+        raise disabled()
+    metadata = check_metadata(req.metadata)
     srv.check_prompt(ids, params, "messages", req.max_tokens_param)
     params = adjust_params(srv, calling, params)
     sub = srv.submit("chatcmpl", [(text, ids)], params, req.stream, req.cache_salt)
     echo = _echo(req, conversation)
     if req.stream:
         await srv.accepted(sub)
-        return StreamingResponse(event_stream(srv, sub, _stream(srv, req, sub, echo, calling)),
+        return StreamingResponse(event_stream(srv, sub, _stream(srv, req, sub, echo, calling, metadata)),
                                  media_type="text/event-stream")
     finals = await srv.final_outputs(sub)
-    return JSONResponse(_response(srv, req, sub, finals, echo, calling))
+    resp = _response(srv, req, sub, finals, echo, calling)
+    if req.store:
+        await _save(srv, req, resp, metadata)
+    return JSONResponse(resp)
+
+
+async def _save(srv: Serving, req: ChatCompletionRequest, resp: dict, metadata: dict | None) -> None:
+    messages = [stored_message(m.model_dump(exclude_none=True)) for m in req.messages]
+    await srv.store.save(resp, messages, metadata)
 
 
 def _logprobs(srv: Serving, req: ChatCompletionRequest, c) -> dict | None:
     if not req.logprobs:
         return None
-    return {"content": srv.chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0)}
+    return {"content": srv.chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0), "refusal": None}
 
 
 def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: dict, echo: str,
@@ -68,7 +80,7 @@ def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: 
     choices = []
     for c in out.outputs:
         if calling is None:
-            msg, finish_reason = {"role": "assistant", "content": echo + c.text}, c.finish_reason
+            msg, finish_reason = {"role": "assistant", "content": echo + c.text, "refusal": None}, c.finish_reason
         else:
             msg, finish_reason = message(calling, c.text, c.finish_reason)
             if echo and msg["content"] is not None:
@@ -84,12 +96,16 @@ def _response(srv: Serving, req: ChatCompletionRequest, sub: Submitted, finals: 
     return resp
 
 
-async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo: str, calling: ToolCalling | None):
+async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo: str, calling: ToolCalling | None,
+                  metadata: dict | None = None):
     head = {"id": sub.id, "object": "chat.completion.chunk", "created": sub.created,
             "model": req.model or srv.model_name}
     counts = [0] * req.n
     finished = set()
     streams = [streamer(calling) if calling is not None else None for _ in range(req.n)]
+    kept = [{"index": i, "message": {"role": "assistant", "content": echo, "refusal": None},
+             "logprobs": {"content": [], "refusal": None} if req.logprobs else None, "finish_reason": None,
+             "stop_reason": None} for i in range(req.n)] if req.store else None
 
     def chunk(choices):
         c = {**head, "choices": choices}
@@ -99,7 +115,7 @@ async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo
 
     # The role comes first, as OpenAI sends it (with the echoed text, if any).
     for i in range(req.n):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": echo, "refusal": None}, "logprobs": None,
                       "finish_reason": None}])
     async for out in srv.engine.results(sub.group):
         for c in out.outputs:
@@ -115,9 +131,17 @@ async def _stream(srv: Serving, req: ChatCompletionRequest, sub: Submitted, echo
                 delta = {"content": c.text} if c.text or c.finish_reason is None else {}
             choice = {"index": c.index, "delta": delta, "logprobs": _logprobs(srv, req, c),
                       "finish_reason": finish_reason}
+            if kept is not None:
+                kept[c.index]["message"]["content"] += c.text
+                if choice["logprobs"] is not None:
+                    kept[c.index]["logprobs"]["content"] += choice["logprobs"]["content"]
+                kept[c.index]["finish_reason"], kept[c.index]["stop_reason"] = finish_reason, c.stop_reason
             if c.finish_reason is not None:
                 choice["stop_reason"] = c.stop_reason
                 finished.add(c.index)
             yield chunk([choice])
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(sub.prompt_tokens, sum(counts))})
+    if kept is not None:  # the whole stream went out: keep it as the one completion it adds up to
+        await _save(srv, req, {**head, "object": "chat.completion", "choices": kept,
+                               "usage": usage(sub.prompt_tokens, sum(counts))}, metadata)

@@ -1,12 +1,15 @@
 """``POST /v1/completions``: text or token-id prompts, streaming or not, with echo and logprobs."""
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.api.errors import bad_request
 from tokenmill.api.fields import check_fields
 from tokenmill.api.protocol import CompletionRequest
 from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
+from tokenmill.tokenizer import fim_prompt, fim_tokens
 
 
 def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -20,6 +23,8 @@ def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, lis
         items = [p]
     else:
         items = list(p)
+    if req.suffix:  # an empty suffix asks for nothing more than a plain completion
+        return [_fill_in_the_middle(srv, req, item) for item in items]
     out = []
     for item in items:
         if isinstance(item, str):
@@ -27,6 +32,22 @@ def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, lis
         else:
             out.append((None, list(item)))
     return out
+
+
+def _fill_in_the_middle(srv: Serving, req: CompletionRequest, item) -> tuple[str | None, list[int]]:
+    """The prompt asking for what goes between ``item`` (the prefix) and ``req.suffix``, built from
+    the tokenizer's fill-in-the-middle tokens; a tokenizer without them cannot honour ``suffix``."""
+    fim = fim_tokens(srv.tokenizer)
+    if fim is None:
+        raise bad_request("suffix needs a model trained for fill-in-the-middle; this model's tokenizer has no "
+                          "fill-in-the-middle tokens (such as <fim_prefix>, <fim_suffix>, <fim_middle>).", "suffix")
+    if req.echo:
+        raise bad_request("suffix cannot be combined with echo.", "suffix")
+    tok = srv.tokenizer
+    lead = tok.encode("", add_special_tokens=req.add_special_tokens)
+    prefix = tok.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
+    return (item if isinstance(item, str) else None,
+            fim_prompt(tok, fim, prefix, tok.encode(req.suffix, add_special_tokens=False), lead))
 
 
 async def create_completion(srv: Serving, req: CompletionRequest):
@@ -49,13 +70,23 @@ def _echo_text(srv: Serving, text: str | None, ids: list[int]) -> str:
     return text if text is not None else srv.tokenizer.decode(ids)
 
 
+def _best(req: CompletionRequest, outputs: list) -> list:
+    """The n continuations to return: all of them, or with ``best_of`` the n of highest cumulative
+    logprob (of the raw model distribution), renumbered 0..n-1 in that order."""
+    if not req.picks_best:
+        return outputs
+    ranked = sorted(outputs, key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None
+                                                else float("-inf")), c.index))
+    return [dataclasses.replace(c, index=i) for i, c in enumerate(ranked[:req.n])]
+
+
 def _response(srv: Serving, req: CompletionRequest, sub: Submitted, finals: dict) -> dict:
     choices, completion_tokens, cached = [], 0, 0
     for rid, (pi, prompt) in sub.prompts.items():
         out = finals[rid]
         cached += out.num_cached_tokens
-        for c in out.outputs:
-            completion_tokens += len(c.token_ids)
+        completion_tokens += sum(len(c.token_ids) for c in out.outputs)  # best_of: all of them were made
+        for c in _best(req, out.outputs):
             text, logprobs = c.text, None
             if req.echo:
                 text = _echo_text(srv, prompt.text, prompt.token_ids) + text

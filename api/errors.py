@@ -26,15 +26,16 @@ class SafeJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
             "utf-8", "backslashreplace")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "internal_server_error", 503: "service_unavailable"}
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None,
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
                type_: str | None = None) -> dict:
+    """OpenAI's error object; ``code`` is a string or null, as OpenAI's spec has it (never the status)."""
     return {"error": {"message": message, "type": type_ or _TYPES.get(status, "error"),
-                      "param": param, "code": code if code is not None else status}}
+                      "param": param, "code": None if code is None else str(code)}}
 
 
 class APIError(Exception):

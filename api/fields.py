@@ -82,8 +82,9 @@ CHAT_FIELDS: list[FieldRule] = [
     FieldRule("reasoning_effort", REFUSED, "the served models do not reason (OpenAI refuses it for such models too)"),
     FieldRule("verbosity", HONOURED, "only \"medium\" (the default); other values are refused", _verbosity),
     FieldRule("prediction", NO_EFFECT, "predicted outputs only make OpenAI faster; the output is the same"),
-    FieldRule("store", NO_EFFECT, "no completion store is configured"),
-    FieldRule("metadata", NO_EFFECT, "kept only with a store"),
+    FieldRule("store", HONOURED, "kept in SQLite with `serve --store PATH` (list, retrieve, update, delete, "
+                                 "messages); without a store, store: true is a 400 (store_disabled)"),
+    FieldRule("metadata", HONOURED, "kept with a stored completion (list filters on it); else no effect"),
     FieldRule("service_tier", NO_EFFECT, "one tier"),
     FieldRule("prompt_cache_key", NO_EFFECT, "prefix caching is automatic (vLLM's cache_salt isolates tenants)"),
     FieldRule("safety_identifier", NO_EFFECT, "not used"),
@@ -94,9 +95,10 @@ COMPLETION_FIELDS: list[FieldRule] = [
     *_COMMON,
     FieldRule("logprobs", HONOURED, "0 to 20"),
     FieldRule("echo", HONOURED, "with logprobs, the prompt's logprobs too"),
-    FieldRule("best_of", HONOURED, "only equal to n; best_of > n is refused"),
-    FieldRule("suffix", REFUSED, "no fill-in-the-middle; an empty suffix is accepted",
-              lambda v: "suffix cannot be honoured by this server: no fill-in-the-middle." if v else None),
+    FieldRule("best_of", HONOURED, "n to 20: generates best_of, returns the n of highest cumulative logprob; "
+                                   "not with stream"),
+    FieldRule("suffix", HONOURED, "fill-in-the-middle where the tokenizer has FIM tokens (StarCoder, "
+                                  "Qwen2.5-Coder, DeepSeek-Coder, Codestral); else a 400 naming suffix"),
 ]
 
 TABLES = {"chat.completions": CHAT_FIELDS, "completions": COMPLETION_FIELDS}

@@ -129,7 +129,7 @@ class _SamplingFields(APIRequest):
         return "max_tokens"
 
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                defaults: dict | None = None) -> SamplingParams:
+                defaults: dict | None = None, n: int | None = None) -> SamplingParams:
         """Raises ValueError (naming the field) for out-of-range values.
 
         ``defaults`` are the model's sampling defaults (its generation_config.json), used for
@@ -142,7 +142,7 @@ class _SamplingFields(APIRequest):
         if self.cache_salt is not None and not self.cache_salt:
             raise ValueError("cache_salt must be a non-empty string, got ''.")
         return SamplingParams(
-            n=self.n,
+            n=self.n if n is None else n,
             presence_penalty=_or(self.presence_penalty, 0.0),
             frequency_penalty=_or(self.frequency_penalty, 0.0),
             repetition_penalty=_or(self.repetition_penalty, d.get("repetition_penalty", 1.0)),
@@ -231,6 +231,10 @@ def _or(value, default):
     return default if value is None else value
 
 
+#: Largest ``best_of`` (OpenAI's bound): each is a whole continuation generated and thrown away.
+MAX_BEST_OF = 20
+
+
 def _prompt_kind(value: Any) -> str:
     """Which prompt form a value is, judged by its first element: validating a 2M-id list
     against every member of the union would cost seconds (and an error per element)."""
@@ -260,15 +264,28 @@ class CompletionRequest(_SamplingFields):
     add_special_tokens: bool = True
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
-        if self.suffix:
-            raise ValueError("suffix is not supported.")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of must equal n (best_of > n is not supported).")
+        """With ``best_of`` > n the engine generates ``best_of`` continuations (the API keeps the
+        n best by cumulative logprob), so the params ask for ``best_of`` and for logprobs."""
+        n, logprobs = self.n, self.logprobs
+        if self.best_of is not None:
+            if not isinstance(self.best_of, int) or not self.n <= self.best_of <= MAX_BEST_OF:
+                raise ValueError(f"best_of must be an integer in [n, {MAX_BEST_OF}] (n is {self.n}), "
+                                 f"got {self.best_of}.")
+            if self.best_of > self.n:
+                if self.stream:
+                    raise ValueError("best_of greater than n cannot be streamed (the best are known only at the "
+                                     "end); set stream to false.")
+                n, logprobs = self.best_of, 0 if logprobs is None else logprobs
         prompt_lp = self.prompt_logprobs
         if prompt_lp is None and self.echo and self.logprobs is not None:
             prompt_lp = self.logprobs  # echo + logprobs also scores the prompt (lm-eval's loglikelihood)
         max_tokens = self.max_completion_tokens if self.max_tokens_param == "max_completion_tokens" else self.max_tokens
-        return self._params(max_tokens, self.logprobs, prompt_lp, defaults)
+        return self._params(max_tokens, logprobs, prompt_lp, defaults, n=n)
+
+    @property
+    def picks_best(self) -> bool:
+        """The engine generates ``best_of`` > n continuations and the response keeps the n best."""
+        return self.best_of is not None and self.best_of > self.n
 
     @property
     def max_tokens_param(self) -> str:
@@ -302,6 +319,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    #: Keep the completion for the stored-completions endpoints (``serve --store PATH``).
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         if self.top_logprobs is not None:

@@ -47,7 +47,8 @@ def run_server(args) -> int:
             return 1
         engine = AsyncEngine(core, tokenizer)
         app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes,
-                                            args.tool_call_parser, max_n=args.max_n))
+                                            args.tool_call_parser, max_n=args.max_n, store_path=args.store,
+                                            embedding_pooling=args.embedding_pooling))
         info = core.info
         print(f"tokenmill serve: model {names[0]} ({model}) on {info.platform}, KV cache {info.num_kv_tokens:,} "
               f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "

@@ -93,15 +93,18 @@ class Serving:
         #: ``--tool-call-parser`` (default: the format the chat template asks for), read for tool_choice auto.
         self.tool_parser = tool_parser or default_tool_parser(getattr(tokenizer, "chat_template", None))
         get_tool_parser(self.tool_parser)  # an unknown name fails at start-up, not per request
+        #: The stored-completions database (:class:`tokenmill.api.store.CompletionStore`), None when off.
+        self.store = None
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None, param: str | None = "model") -> None:
+        """404 ``model_not_found`` unless ``model`` is empty or a served name (``param``: where it came from)."""
         if model and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist. Served: {', '.join(self.model_names)}.",
-                           "model", "model_not_found")
+                           param, "model_not_found")
 
     def log_unknown(self, req, endpoint: str) -> None:
         unknown = req.unknown_fields()

@@ -38,6 +38,7 @@ class _RequestState:
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     finished: bool = False
+    pooled: list[float] | None = None
 
 
 class OutputProcessor:
@@ -81,6 +82,8 @@ class OutputProcessor:
             if state is None:
                 continue
             state.num_cached_tokens = max(state.num_cached_tokens, u.num_cached_tokens)
+            if u.pooled is not None:
+                state.pooled = u.pooled
             if u.prompt_logprobs is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._position(lp) if lp is not None else None for lp in u.prompt_logprobs)
             seq = state.seqs.get(u.index)
@@ -144,4 +147,4 @@ class OutputProcessor:
                                              list(seq.logprobs) if wants_logprobs else None,
                                              seq.finish_reason, seq.stop_reason))
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, state.finished,
-                             state.prompt_logprobs, state.num_cached_tokens)
+                             state.prompt_logprobs, state.num_cached_tokens, pooled=state.pooled)

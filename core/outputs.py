@@ -39,7 +39,8 @@ class CompletionOutput:
 class RequestOutput:
     """A request's state: its prompt, its continuations so far, and whether it is done.
 
-    ``num_cached_tokens`` is how many prompt tokens were served from the prefix cache.
+    ``num_cached_tokens`` is how many prompt tokens were served from the prefix cache;
+    ``pooled`` is a pooling request's pooled final hidden state (``SamplingParams.pooling``).
     """
 
     request_id: str
@@ -50,3 +51,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    pooled: list[float] | None = None

@@ -7,8 +7,28 @@ from dataclasses import dataclass, field
 
 from tokenmill.guided.params import StructuredOutputsParams
 
+#: How a pooling (embedding) request reduces the prompt's hidden states to one vector.
+POOLING_TYPES = ("last", "mean")
+
 # Below this temperature a request is decoded greedily (as vLLM does).
 _GREEDY_EPS = 1e-5
+
+
+def _parse_logit_bias(bias) -> dict[int, float]:
+    """``{token id: bias}`` from JSON's ``{"123": 5}``; a key that is not a token id is named."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}.")
+    out = {}
+    for k, v in bias.items():
+        try:
+            tid = k if isinstance(k, int) and not isinstance(k, bool) else int(str(k).strip(), 10)
+        except ValueError:
+            raise ValueError(f"logit_bias key {str(k)[:64]!r} is not a token id (keys must be integer "
+                             f"token ids, as strings in JSON).") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ValueError(f"logit_bias value for token {tid} must be a number, got {v!r}.")
+        out[tid] = min(100.0, max(-100.0, float(v)))
+    return out
 
 
 class SamplingType(enum.IntEnum):
@@ -48,6 +68,10 @@ class SamplingParams:
     - ``structured_outputs``: a :class:`~tokenmill.guided.params.StructuredOutputsParams` (or a
       dict of its fields) constraining the output to a JSON schema, regex, choice, grammar, any
       JSON object or structural tag; the sequence ends when the grammar does.
+    - ``pooling``: ``"last"`` or ``"mean"`` makes the request an embedding: the engine returns the
+      prompt's final-norm hidden state at its last token, or averaged over its tokens
+      (``RequestOutput.pooled``), instead of generating; needs ``max_tokens=0`` and ``n=1``. Such a
+      request neither reads nor fills the prefix cache, and frees its blocks when done.
     """
 
     n: int = 1
@@ -72,6 +96,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    pooling: str | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -85,12 +110,7 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
-            try:
-                self.logit_bias = {
-                    int(k): min(100.0, max(-100.0, float(v))) for k, v in self.logit_bias.items()
-                }
-            except (TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from e
+            self.logit_bias = _parse_logit_bias(self.logit_bias)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -137,6 +157,12 @@ class SamplingParams:
             bad("stop", "a non-empty string or a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "non-negative token ids")
+        if self.pooling is not None:
+            if self.pooling not in POOLING_TYPES:
+                bad("pooling", f"None or one of {', '.join(POOLING_TYPES)}")
+            if self.max_tokens != 0 or self.n != 1:
+                raise ValueError(f"pooling requests generate nothing: they need max_tokens=0 and n=1, "
+                                 f"got max_tokens={self.max_tokens}, n={self.n}.")
         if self._stop_list and not self.detokenize:
             raise ValueError("stop strings are only supported when detokenize is True.")
 

@@ -28,3 +28,39 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         raise
     except Exception as exc:  # jinja errors: the template or the messages are wrong
         raise ValueError(f"chat template failed to render: {exc}") from exc
+
+
+#: Fill-in-the-middle special tokens by model family, and the order the parts go in:
+#: ``psm`` = prefix, suffix, middle (StarCoder, Qwen2.5-Coder, DeepSeek-Coder); ``spm`` = Codestral's.
+FIM_TOKENS = (
+    (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), "psm"),
+    (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), "psm"),
+    (("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), "psm"),
+    (("[PREFIX]", "[SUFFIX]", "[MIDDLE]"), "spm"),
+)
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
+        return None
+    return tid
+
+
+def fim_tokens(tokenizer) -> tuple[tuple[int, int, int | None], str] | None:
+    """``((prefix, suffix, middle) ids, order)`` of the tokenizer's fill-in-the-middle tokens, or None.
+    Codestral has no middle token (``[MIDDLE]`` absent: the prefix's end is where it writes)."""
+    for names, order in FIM_TOKENS:
+        ids = [_token_id(tokenizer, n) for n in names]
+        if ids[0] is not None and ids[1] is not None and (ids[2] is not None or order == "spm"):
+            return (ids[0], ids[1], ids[2]), order
+    return None
+
+
+def fim_prompt(tokenizer, fim, prefix_ids: list[int], suffix_ids: list[int], lead: list[int]) -> list[int]:
+    """The prompt that asks the model for the text between ``prefix_ids`` and ``suffix_ids``;
+    ``lead`` is what the tokenizer puts first (BOS, if it adds one)."""
+    (p, s, m), order = fim
+    if order == "psm":
+        return [*lead, p, *prefix_ids, s, *suffix_ids, m]
+    return [*lead, s, *suffix_ids, p, *prefix_ids]

@@ -337,7 +337,7 @@ ERROR_CASES = {
     "too many logprobs": ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
     "stream bad n": ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0, "stream": True}, 400, "n"),
     "unknown model": ("/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "model"),
-    "unknown route": ("/v1/embeddings", {"model": MODEL, "input": "x"}, 404, None),
+    "unknown route": ("/v1/audio/speech", {"model": MODEL, "input": "x"}, 404, None),
     "oversized body": ("/v1/completions", {"model": MODEL, "prompt": "x" * (BODY_LIMIT + 10)}, 413, None),
 }
 

@@ -24,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest n (and best_of) one request may ask for (default 128, as OpenAI)")
     p.add_argument("--startup-timeout", type=float, default=None,
                    help="seconds to wait for the engine to load (default: no limit)")
+    p.add_argument("--store", default=None, metavar="PATH",
+                   help="keep chat completions sent with store: true in this SQLite database, served by "
+                        "GET/POST/DELETE /v1/chat/completions[/{id}[/messages]] (default: off)")
+    p.add_argument("--embedding-pooling", default="auto", choices=["auto", "last", "mean"],
+                   help="how /v1/embeddings pools the final hidden states: the last token's, their mean, or "
+                        "auto: the checkpoint's sentence-transformers pooling config, else last (default auto)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     from tokenmill.guided.tool_parsers import TOOL_PARSERS

@@ -93,7 +93,9 @@ class RunnerOutput:
 
     ``sampled[seq_id]`` holds ``num_samples`` token ids for each sequence that sampled;
     ``logprobs[seq_id]`` the matching :class:`TokenLogprobs` when the request asked for them;
-    ``prompt_logprobs[seq_id]`` the prompt positions covered this step (``None`` for the first token).
+    ``prompt_logprobs[seq_id]`` the prompt positions covered this step (``None`` for the first token);
+    ``pooled[seq_id]`` the pooled final hidden state (floats) of a pooling sequence whose prompt
+    finished this step (its ``params.pooling`` says how; it samples nothing).
 
     Structured output: ``guided_done`` lists the sequences whose grammar terminated with this
     step's token (they must end); ``jump[seq_id]`` replaces the sampled token: that token and
@@ -106,4 +108,5 @@ class RunnerOutput:
     jump: dict[int, list[int]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprobs | None]] = field(default_factory=dict)
+    pooled: dict[int, list[float]] = field(default_factory=dict)
     forward_seconds: float = 0.0

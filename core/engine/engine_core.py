@@ -32,6 +32,8 @@ class SeqUpdate:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    #: A pooling request's pooled hidden state (when it finishes).
+    pooled: list[float] | None = None
 
 
 @dataclass
@@ -256,7 +258,7 @@ class EngineCore:
             updates.append(SeqUpdate(seq.request_id, seq.index, new, seq.logprobs[len(seq.logprobs) - len(new):]
                                      if seq.logprobs else [], plp,
                                      seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
-                                     seq.num_cached_tokens))
+                                     seq.num_cached_tokens, result.pooled.get(seq.seq_id)))
             if forked:  # a child forked this step: the request now owns it too
                 self._seqs[seq.request_id].append(seq)
         for request_id in {u.request_id for u in updates}:

@@ -200,10 +200,12 @@ class ModelRunner:
         t0 = time.perf_counter()
         hidden = self.model.forward(ids, positions, self.kv_caches, meta)
 
-        sample_rows, sample_items, prompt_items = [], [], []
+        sample_rows, sample_items, prompt_items, pool_items = [], [], [], []
         for i, (item, st) in enumerate(zip(out.seqs, states)):
             if item.prompt_logprobs:
                 prompt_items.append((i, item, st))
+            if getattr(st.params, "pooling", None):
+                pool_items.append((i, item, st))
             if item.sample:
                 sample_rows.extend([qsl[i + 1] - 1] * item.num_samples)
                 sample_items.append((item, st))
@@ -218,6 +220,8 @@ class ModelRunner:
             self._sample(logits, sample_items, result)
         for i, item, st in prompt_items:
             self._prompt_logprobs(hidden[qsl[i]:qsl[i + 1]], item, st, result)
+        for i, item, st in pool_items:
+            self._pool(hidden[qsl[i]:qsl[i + 1]], item, st, result)
         self.platform.synchronize()
         result.forward_seconds = time.perf_counter() - t0
         return result
@@ -294,6 +298,18 @@ class ModelRunner:
         result.prompt_logprobs[item.seq_id] = records
 
 
+    def _pool(self, hidden: torch.Tensor, item, st: "_SeqState", result: RunnerOutput) -> None:
+        """Pool a pooling sequence's final hidden states; the prompt may come in several chunks
+        (its sum is kept across steps), and it always starts at position 0 (no prefix cache)."""
+        if st.params.pooling == "mean":
+            part = hidden.float().sum(0)
+            st.pool_sum = part if st.pool_sum is None else st.pool_sum + part
+        if item.start + item.num_new >= st.num_prompt_tokens:
+            vec = st.pool_sum / st.num_prompt_tokens if st.params.pooling == "mean" else hidden[-1].float()
+            result.pooled[item.seq_id] = vec.tolist()
+            st.pool_sum = None
+
+
 @dataclass(eq=False)
 class _SeqState:
     """The runner's copy of one sequence: its tokens (the runner appends what it samples), block
@@ -310,3 +326,4 @@ class _SeqState:
     child_generators: list = field(default_factory=list)
     #: The structured-output state, a GuidedSeq (None: unconstrained).
     guided: object = None
+    pool_sum: torch.Tensor | None = None

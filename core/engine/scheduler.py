@@ -30,6 +30,11 @@ def _first_change(table: list[int], sent: list[int]) -> int:
     return next(i for i in range(n) if table[i] != sent[i])
 
 
+def _pools(seq: Sequence) -> bool:
+    """An embedding request: it neither reads nor fills the prefix cache."""
+    return getattr(seq.params, "pooling", None) is not None
+
+
 class Scheduler:
     """Decides, each step, which sequences run and how many tokens each computes."""
 
@@ -69,7 +74,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if reason is not FinishReason.ABORT and seq.num_computed:
+        if reason is not FinishReason.ABORT and seq.num_computed and not _pools(seq):
             self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed, seq.salt)
         self.kv.free(seq.seq_id)
         seq.status = SeqStatus.FINISHED
@@ -141,11 +146,11 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if not seq.prefix_matched:
-                if inflight and self.kv.enable_prefix_caching and not self._needs_prompt_logprobs(seq):
+                if inflight and self.kv.enable_prefix_caching and not self._needs_every_position(seq):
                     hit = self.kv.peek_prefix(seq.token_ids, seq.salt)
                     if self._next_block_key(seq, hit) in inflight:
                         continue
-                seq.num_computed = 0 if self._needs_prompt_logprobs(seq) else \
+                seq.num_computed = 0 if self._needs_every_position(seq) else \
                     self.kv.match_prefix(seq.seq_id, seq.token_ids, seq.salt)
                 seq.num_scheduled = seq.num_computed
                 seq.prefix_matched = True
@@ -188,6 +193,10 @@ class Scheduler:
         bs = self.kv.block_size
         first = start - start % bs
         return seq.salt, first, tuple(seq.token_ids[first:first + bs])
+
+    def _needs_every_position(self, seq: Sequence) -> bool:
+        """Prompt logprobs and pooling read every prompt position's hidden state: no prefix cache."""
+        return self._needs_prompt_logprobs(seq) or _pools(seq)
 
     def _needs_prompt_logprobs(self, seq: Sequence) -> bool:
         return getattr(seq.params, "prompt_logprobs", None) is not None and seq.num_output_tokens == 0
@@ -238,7 +247,8 @@ class Scheduler:
             if item.sample:
                 seq.num_pending -= 1
             if not tokens:
-                self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed, seq.salt)
+                if not _pools(seq):
+                    self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed, seq.salt)
                 if seq.max_tokens == 0 and seq.num_computed >= seq.num_tokens:
                     self.finish(seq, FinishReason.LENGTH)  # scoring only: the prompt is all it wanted
                 continue

@@ -116,18 +116,20 @@ def make_tokenizer(cache_dir=None, vocab_size: int = TOKENIZER_VOCAB) -> Path:
 
 def make_tiny_model(arch: str, cache_dir=None, *, tie_word_embeddings: bool = False,
                     max_shard_size: str | None = None, dtype: str = "float32", seed: int = 0,
-                    **overrides) -> Path:
+                    extra_special_tokens: tuple[str, ...] = (), **overrides) -> Path:
     """A tiny random-weight checkpoint of ``arch`` (one of :data:`ARCHS`) with the test tokenizer.
 
     ``tie_word_embeddings`` ties the output head to the embeddings; ``max_shard_size``
     (e.g. ``"100KB"``) saves a sharded checkpoint with an index; ``dtype`` is the saved
-    weights' dtype; ``overrides`` replace config fields. Returns the checkpoint directory.
+    weights' dtype; ``extra_special_tokens`` are added to the tokenizer (and the vocabulary), such
+    as fill-in-the-middle tokens; ``overrides`` replace config fields. Returns the checkpoint directory.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
     config_cls_name, arch_settings = ARCHS[arch]
     settings = {**_COMMON, **arch_settings, "tie_word_embeddings": tie_word_embeddings, **overrides}
-    key = _key(f"{arch}", {"settings": settings, "shard": max_shard_size, "dtype": dtype, "seed": seed})
+    extra = {"special": list(extra_special_tokens)} if extra_special_tokens else {}
+    key = _key(f"{arch}", {"settings": settings, "shard": max_shard_size, "dtype": dtype, "seed": seed, **extra})
     tokenizer_dir = make_tokenizer(cache_dir)
     target = cache_root(cache_dir) / key
 
@@ -137,6 +139,8 @@ def make_tiny_model(arch: str, cache_dir=None, *, tie_word_embeddings: bool = Fa
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        if extra_special_tokens:
+            tokenizer.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
         config = getattr(transformers, config_cls_name)(vocab_size=len(tokenizer), **settings)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
