@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Run openai-python's own API tests (tests/api_resources) against a live `tokenmill serve`.
 #
-#   scripts/openai_python_tests.sh /path/to/openai-python-checkout [pytest args...]
+#   scripts/openai_python_tests.sh /path/to/openai-python-checkout [test paths or pytest args...]
+#
+# Without test paths it runs all of tests/api_resources (6187 tests at openai-python v3.3.1, most for
+# endpoints a model server has no business with: files, audio, admin...). The surface tokenmill
+# serves is   tests/api_resources/{test_models.py,test_completions.py,chat,test_embeddings.py,
+# test_responses.py,responses}   (455 tests at v3.3.1).
 #
 # The checkout is not fetched here: pass a local clone of github.com/openai/openai-python.
 # A separate venv (under $OPENAI_TESTS_VENV, default /tmp/openai-python-tests-venv) gets the SDK
@@ -9,11 +14,13 @@
 # .venv (or $TOKENMILL_PYTHON) on a tiny random-weight model, on 127.0.0.1 and a free port,
 # with --store, and serves every model name the tests use as an alias of that model, so that a
 # test fails for what the server does, not for a name it was not started with.
+# The tests run one at a time (the checkout's addopts ask for xdist's -n auto; overridden).
 # The tests read TEST_API_BASE_URL. Prints "passed N failed M skipped K errors E of T".
 set -euo pipefail
 
-CHECKOUT=${1:?usage: $0 OPENAI_PYTHON_CHECKOUT [pytest args...]}
+CHECKOUT=${1:?usage: $0 OPENAI_PYTHON_CHECKOUT [test paths or pytest args...]}
 shift
+if [ $# -eq 0 ]; then set -- tests/api_resources; fi
 CHECKOUT=$(cd "$CHECKOUT" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${TOKENMILL_PYTHON:-$REPO/.venv/bin/python}
@@ -40,8 +47,10 @@ fi
 mapfile -t NAMES < <(grep -rhoE 'model="[^"]+"' "$CHECKOUT/tests/api_resources" | sed -E 's/model="(.*)"/\1/' | sort -u)
 MODEL=$("$PY" -c 'from tokenmill.testing.tiny_models import make_tiny_model; print(make_tiny_model("llama"))')
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+STORE=()  # a server without --store (an older tokenmill) is run without it
+if "$PY" -m tokenmill serve --help 2>/dev/null | grep -q -- '--store'; then STORE=(--store "$WORK/store.db"); fi
 "$PY" -m tokenmill serve "$MODEL" --device cpu --kv-cache-memory 16MiB --max-model-len 512 --port "$PORT" \
-    --store "$WORK/store.db" --served-model-name "${NAMES[@]}" --log-level warning >"$WORK/server.log" 2>&1 &
+    "${STORE[@]}" --served-model-name "${NAMES[@]}" --log-level warning >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 360); do
     if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then break; fi
@@ -52,8 +61,8 @@ curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "server not health
 
 cd "$CHECKOUT"
 set +e
-TEST_API_BASE_URL="http://127.0.0.1:$PORT/v1" timeout 3600 "$VENV/bin/python" -m pytest tests/api_resources -q \
-    -p no:cacheprovider "$@" >"$WORK/pytest.log" 2>&1
+TEST_API_BASE_URL="http://127.0.0.1:$PORT/v1" timeout 3600 "$VENV/bin/python" -m pytest -q \
+    -p no:cacheprovider -o addopts=--tb=line "$@" >"$WORK/pytest.log" 2>&1
 set -e
 cp "$WORK/pytest.log" "${OPENAI_TESTS_LOG:-/tmp/openai-python-tests.log}"
 SUMMARY=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s' "$WORK/pytest.log" | tail -1)
