@@ -38,9 +38,9 @@ trap cleanup EXIT
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-# The SDK from the checkout, and what its tests import (conftest: pytest-asyncio, its respx plugin
-# needs the SDK's HTTP client; tests/utils: dirty-equals, inline-snapshot).
-"$VENV/bin/pip" install -q -e "$CHECKOUT" pytest pytest-asyncio inline-snapshot dirty-equals time-machine \
+# The SDK from the checkout (with aiohttp: the async tests run on both HTTP clients), and what its
+# tests import (conftest: pytest-asyncio; tests/utils: dirty-equals, inline-snapshot).
+"$VENV/bin/pip" install -q -e "$CHECKOUT[aiohttp]" pytest pytest-asyncio inline-snapshot dirty-equals time-machine \
     >"$WORK/pip.log" 2>&1 || { tail -20 "$WORK/pip.log"; exit 1; }
 
 # Every model="..." name in the tests, served as an alias of the one model.
