@@ -20,7 +20,7 @@ jsonschema = pytest.importorskip("jsonschema")
 PROMPT = "Describe the user as JSON:"
 SCHEMA = {"type": "object", "properties": {
     "color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
-    "name": {"type": "string", "maxLength": 8}, "count": {"type": "integer"},
+    "name": {"type": "string", "maxLength": 8}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
     "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
     "required": ["color", "ok", "name", "count", "tags"], "additionalProperties": False}
 #: Objects of fixed keys with enum and integer values: what jump-forward saves most on.
@@ -70,7 +70,8 @@ def llm():
 
 def _params(fields, backend=None, **kw):
     kw.setdefault("max_tokens", 120)
-    return SamplingParams(structured_outputs=StructuredOutputsParams(backend=backend, **fields), **kw)
+    fields = {"backend": backend, **fields}
+    return SamplingParams(structured_outputs=StructuredOutputsParams(**fields), **kw)
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -168,6 +169,8 @@ def test_compilation_does_not_block_other_requests(llm):
     (dict(choice=[]), "structured_outputs.choice", "non-empty"),
     # neither library enforces both (xgrammar drops the length, outlines-core the pattern): refused
     (dict(json={"type": "string", "pattern": "^a+$", "maxLength": 3}), "structured_outputs.json", "cannot enforce"),
+    # outlines-core would drop an open integer bound (a closed range it gets as an enum)
+    (dict(json={"type": "integer", "minimum": 5}, backend="outlines"), "structured_outputs.json", "cannot enforce minimum"),
 ])
 def test_invalid_specs_raise_naming_the_field(llm, fields, param, match):
     with pytest.raises(GuidedSpecError, match=match) as info:
@@ -281,3 +284,21 @@ def test_every_valid_instance_is_accepted(llm, data, schema, backend):
     ids = llm.tokenizer.encode(json.dumps(instance), add_special_tokens=False)
     assert all(m.accept_token(t) for t in ids), json.dumps(instance)
     assert m.accept_token(llm.tokenizer.eos_token_id) and m.is_terminated()
+
+
+def test_bench_structured_runs(tmp_path):
+    import subprocess
+    import sys
+
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "structured", "--dtype", "float32",
+                           "--concurrency", "1,2", "--output-len", "8", "--min-requests", "2", "--rounds", "1",
+                           "--schemas", "2", "--backends", "xgrammar", "--json-out", str(out), "--png", str(png)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["concurrency"] for r in res["mask_cost"]] == [1, 2]
+    (jf,) = res["jump_forward"]
+    assert jf["same_value"] == 2 and jf["passes_on"] < jf["passes_off"]
+    assert all(r["cached_ms"] < r["cold_ms"] for r in res["compile"])
+    assert png.stat().st_size > 0

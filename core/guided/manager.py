@@ -33,6 +33,34 @@ def backend_classes(plugin_manager=None) -> dict[str, type[GuidedBackend]]:
     return {cls.name: cls for cls in pm.guided_decoding_backends()}
 
 
+#: (backend class, spec key, param) -> None (valid) or the error message: validating a complex spec can
+#: take long (outlines-core builds an index), and every request with that spec asks again.
+_VALIDATED: OrderedDict[tuple, str | None] = OrderedDict()
+_VALIDATED_SIZE = 1024
+_validated_lock = threading.Lock()
+
+
+def _validate(cls: type[GuidedBackend], spec: GuidedSpec) -> None:
+    key = (cls, spec.key, spec.param)  # the message names the parameter
+    with _validated_lock:
+        hit = key in _VALIDATED
+        error = _VALIDATED.get(key)
+        if hit:
+            _VALIDATED.move_to_end(key)
+    if not hit:
+        try:
+            cls.validate(spec)
+            error = None
+        except GuidedSpecError as exc:
+            error = str(exc)
+        with _validated_lock:
+            _VALIDATED[key] = error
+            while len(_VALIDATED) > _VALIDATED_SIZE:
+                _VALIDATED.popitem(last=False)
+    if error is not None:
+        raise GuidedSpecError(error, spec.param)
+
+
 def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[GuidedBackend]]) -> str:
     """The backend that will compile ``spec``; raises :class:`GuidedSpecError` naming the parameter.
 
@@ -48,7 +76,7 @@ def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[Gui
         if why:
             raise GuidedSpecError(f"structured output backend {requested!r} is unavailable: {why}",
                                   "structured_outputs.backend")
-        cls.validate(spec)
+        _validate(cls, spec)
         return requested
     order = [n for n in AUTO_ORDER if n in classes] + sorted(n for n in classes if n not in AUTO_ORDER)
     first_error: GuidedSpecError | None = None
@@ -57,7 +85,7 @@ def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[Gui
         if cls.available():
             continue
         try:
-            cls.validate(spec)
+            _validate(cls, spec)
             return name
         except GuidedSpecError as exc:
             first_error = first_error or exc

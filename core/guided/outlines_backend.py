@@ -1,7 +1,8 @@
 """The outlines backend (outlines-core): JSON schema, json_object, regex and choice as a token DFA.
 
 outlines-core has no grammar engine, so ``grammar`` and ``structural_tag`` are refused (``auto``
-sends them to xgrammar). Its index is token-level, so the forced continuation is found by
+sends them to xgrammar). JSON-schema keywords its regex builder would silently drop are refused
+too, except bounded integers, which are given to it as the equivalent enum. Its index is token-level, so the forced continuation is found by
 walking states whose allowed tokens all share one prefix that is itself a token.
 """
 from __future__ import annotations
@@ -35,6 +36,25 @@ def unenforced_keywords(schema) -> set[str]:
     return found
 
 
+#: Widest integer range turned into an enum (outlines-core indexes the alternation quickly up to here).
+_MAX_RANGE_AS_ENUM = 1000
+
+
+def with_integer_ranges(schema):
+    """``schema`` (a copy) with every bounded integer (``minimum`` and ``maximum``, at most
+    ``_MAX_RANGE_AS_ENUM`` values) written as the equivalent enum, which outlines-core enforces."""
+    schema = json.loads(json.dumps(schema))
+    for node in schema_nodes(schema):
+        lo, hi = node.get("minimum"), node.get("maximum")
+        if node.get("type") == "integer" and isinstance(lo, int) and isinstance(hi, int) \
+                and not isinstance(lo, bool) and not isinstance(hi, bool) and 0 <= hi - lo <= _MAX_RANGE_AS_ENUM \
+                and not {"exclusiveMinimum", "exclusiveMaximum", "multipleOf", "enum", "const"} & set(node):
+            for k in ("type", "minimum", "maximum"):
+                del node[k]
+            node["enum"] = list(range(lo, hi + 1))
+    return schema
+
+
 def _escape(text: str) -> str:
     return "".join("\\" + c if c in _META else c for c in text)
 
@@ -45,7 +65,8 @@ def spec_regex(spec: GuidedSpec) -> str:
 
     ws = None if spec.any_whitespace else ""
     if spec.kind == "json":
-        return build_regex_from_schema(spec.value, ws) if ws is not None else build_regex_from_schema(spec.value)
+        value = json.dumps(with_integer_ranges(spec.loads()))
+        return build_regex_from_schema(value, ws) if ws is not None else build_regex_from_schema(value)
     if spec.kind == "json_object":
         # outlines-core's regex for a free object nests two levels and takes ~20 s to index over
         # a 4k vocabulary; an object of scalar values indexes in well under a second
@@ -193,7 +214,7 @@ class OutlinesBackend(GuidedBackend):
         import outlines_core as oc
 
         if spec.kind == "json":
-            missing = unenforced_keywords(spec.loads())
+            missing = unenforced_keywords(with_integer_ranges(spec.loads()))
             if missing:
                 raise GuidedSpecError(f"the outlines backend cannot enforce {', '.join(sorted(missing))} in "
                                       f"{spec.param} (xgrammar can)", spec.param)
@@ -207,8 +228,7 @@ class OutlinesBackend(GuidedBackend):
     def compile(self, spec: GuidedSpec) -> OutlinesCompiled:
         import outlines_core as oc
 
-        self.validate(spec)
-        try:
+        try:  # validated by the compiler already (building the index on the byte vocabulary is not cheap)
             index = oc.Index(spec_regex(spec), self._vocabulary)
         except Exception as exc:
             raise GuidedSpecError(f"invalid {spec.param}: {exc}", spec.param) from None

@@ -136,18 +136,22 @@ class GuidedRuntime:
     def _jump(self, matcher: GuidedMatcher, token: int, forced: str) -> list[int] | None:
         """Canonical tokens for ``token`` + ``forced``, accepted by ``matcher`` (which then stands
         after them), or None (matcher unchanged)."""
-        tok = self.vocab.tokenizer
         if self._token_bytes is None:
             self._token_bytes = self.vocab.token_bytes()
+            tok = self.vocab.tokenizer
+            fast = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer skips the wrapper's overhead
+            self._encode = (lambda text: fast.encode(text, add_special_tokens=False).ids) if fast is not None \
+                else (lambda text: tok.encode(text, add_special_tokens=False))
+        encode = self._encode
         candidates = []
         raw = self._token_bytes[token] if token < len(self._token_bytes) else None
         if raw:
             try:
                 # the sampled token is not computed yet, so it may merge with the forced text
-                candidates.append((True, tok.encode(raw.decode("utf-8") + forced, add_special_tokens=False)))
+                candidates.append((True, encode(raw.decode("utf-8") + forced)))
             except UnicodeDecodeError:  # a partial character: tokenize the forced text on its own
                 pass
-        candidates.append((False, [token] + tok.encode(forced, add_special_tokens=False)))
+        candidates.append((False, [token] + encode(forced)))
         for replaces, ids in candidates:
             ids = ids[:MAX_JUMP_TOKENS + 1]
             if len(ids) < 2 and not (replaces and ids and ids[0] != token):
