@@ -56,3 +56,45 @@ def test_bench_prefix(model, tmp_path):
     for s in summary:
         assert s["same_outputs"]
         assert s["on"]["computed_prompt_tokens"] < s["off"]["computed_prompt_tokens"] == s["off"]["prompt_tokens"]
+
+
+FAKE_VLLM = '''
+"""Stand-in for vLLM's offline API (LLM, SamplingParams, TokensPrompt) over tokenmill, so the
+side-by-side harness runs here without vLLM; the real one is driven the same way."""
+import tokenmill
+
+
+class SamplingParams(tokenmill.SamplingParams):
+    pass
+
+
+class LLM:
+    def __init__(self, model, dtype, max_model_len, max_num_seqs):
+        self.llm = tokenmill.LLM(model=model, dtype=dtype, max_num_seqs=max_num_seqs)  # context: the model's
+
+    def generate(self, prompts, params, use_tqdm=False):
+        return self.llm.generate(prompts, params)
+'''
+
+
+def test_bench_throughput_against_vllm_sweep(model, tmp_path):
+    pkg = tmp_path / "fake" / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(FAKE_VLLM)
+    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n")
+    out, png = tmp_path / "tp.json", tmp_path / "tp.png"
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "throughput", model, "--min-len", "8",
+                           "--max-len", "24", "--output-len", "4", "--against-vllm", sys.executable,
+                           "--sweep-prompts", "2,3", "--plot", str(png), "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [(r["engine"], r["prompts"]) for r in results] == [("tokenmill", 2), ("vllm", 2), ("tokenmill", 3),
+                                                              ("vllm", 3)]
+    assert [r["output_tokens"] for r in results] == [8, 8, 12, 12]
+    assert results[0]["outputs_sha"] == results[1]["outputs_sha"]
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and results[1]["threads_bind"]
+    assert "all outputs identical" in proc.stdout and png.stat().st_size > 0

@@ -1,22 +1,32 @@
-"""``tokenmill bench throughput``: output tokens/s on a workload, tokenmill and HF side by side.
+"""``tokenmill bench throughput``: output tokens/s on a workload, tokenmill and its peers side by side.
 
 Each engine runs in a fresh subprocess; only the generate call after the warm-up is timed.
+Peers: HF transformers (``--compare hf``), the core's reference ops (``--compare reference``)
+and vLLM-CPU from its own environment (``--against-vllm PYTHON``). ``--pairs N`` repeats the
+round of engines N times interleaved (tokenmill, vLLM, tokenmill, vLLM, ...) so a noisy machine
+shows up in the ratios; ``--sweep-prompts 16,64,256`` runs every engine at each number of
+prompts (the workload's prompts cycled) and plots output tok/s against it.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import tempfile
 import subprocess
 import sys
 import time
 
+from tokenmill.bench import vllm_peer
 from tokenmill.commands.engine_args import add_engine_arguments, engine_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
     p.add_argument("--workload", default=None, help="a workload JSON (e.g. the shared workload W)")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="prompts (default 64; with --workload: the workload's prompts, cycled to this many)")
     p.add_argument("--min-len", type=int, default=32)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
@@ -25,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run HF transformers generate (hf) or tokenmill on the core's reference "
                         "ops and attention (reference) on the same prompts; repeatable")
     p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--against-vllm", default=None, metavar="PYTHON",
+                   help="also run vLLM-CPU with this interpreter (its own venv), with its best CPU setup")
+    p.add_argument("--pairs", type=int, default=1, help="rounds of all engines, interleaved (default 1)")
+    p.add_argument("--sweep-prompts", default=None, metavar="N,N,...",
+                   help="run at each number of prompts and plot output tok/s against it")
+    p.add_argument("--plot", default="bench_throughput.png", help="PNG of the sweep ('' to skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -35,8 +51,12 @@ def _workload(args, tokenizer):
     from tokenmill.bench.workload import load_workload, synthetic_workload
 
     if args.workload:
-        return load_workload(args.workload)
-    return synthetic_workload(tokenizer, args.num_prompts, args.min_len, args.max_len, args.output_len, args.seed)
+        wl = load_workload(args.workload)
+        if args.num_prompts:
+            wl.prompts = [wl.prompts[i % len(wl.prompts)] for i in range(args.num_prompts)]
+        return wl
+    return synthetic_workload(tokenizer, args.num_prompts or 64, args.min_len, args.max_len, args.output_len,
+                              args.seed)
 
 
 def _run_tokenmill(args, model: str) -> dict:
@@ -59,7 +79,13 @@ def _run_tokenmill(args, model: str) -> dict:
             "steps": st.steps - steps0, "outside_forward_share": 1 - (st.forward_seconds - fwd0) / step_s if step_s else 0,
             "loop_outside_steps_s": elapsed - step_s, "platform": llm.engine.platform.name,
             "kernels": llm.engine.runner.kernels.providers, "attention": llm.engine.runner.backend.name,
-            "first_tokens": outs[0].outputs[0].token_ids[:8]}
+            "first_tokens": outs[0].outputs[0].token_ids[:8], "outputs_sha": _outputs_sha(outs)}
+
+
+def _outputs_sha(outs) -> str:
+    """Digest of every prompt's first completion (the same digest the vLLM worker computes)."""
+    toks = [list(o.outputs[0].token_ids) for o in outs]
+    return hashlib.sha1(json.dumps(toks).encode()).hexdigest()[:12]
 
 
 def _run_hf(args, model: str) -> dict:
@@ -103,6 +129,45 @@ def _subprocess(argv: list[str], worker: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _workload_file(args, model: str, tmp: str) -> str:
+    """A W-format JSON of this run's workload, for peers that read files (vLLM)."""
+    if args.workload:
+        return os.path.abspath(args.workload)
+    from transformers import AutoTokenizer
+
+    wl = _workload(args, AutoTokenizer.from_pretrained(model, local_files_only=True))
+    path = os.path.join(tmp, "workload.json")
+    with open(path, "w") as f:
+        json.dump({"prompts": wl.prompts, "warm": wl.warm, "max_tokens": wl.max_tokens}, f)
+    return path
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Output tok/s against the number of prompts, one line per engine (mean over pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for engine in dict.fromkeys(r["engine"] for r in results):
+        by_n: dict[int, list[float]] = {}
+        for r in results:
+            if r["engine"] == engine:
+                by_n.setdefault(r["prompts"], []).append(r["output_tok_s"])
+        xs = sorted(by_n)
+        ax.plot(xs, [sum(by_n[x]) / len(by_n[x]) for x in xs], "o-", label=engine)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompts (= peak batch)")
+    ax.set_ylabel("output tokens/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run(args) -> int:
     from tokenmill.default_model import resolve_model
 
@@ -119,24 +184,49 @@ def run(args) -> int:
         print(json.dumps(result))
         return 0
     argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]
+    if args.pairs < 1:
+        raise ValueError("--pairs must be at least 1")
+    try:
+        counts = [int(x) for x in args.sweep_prompts.split(",")] if args.sweep_prompts else [args.num_prompts]
+    except ValueError:
+        raise ValueError(f"--sweep-prompts must be comma-separated integers, got {args.sweep_prompts!r}") from None
+    workers = ["tokenmill", *args.compare] + (["vllm"] if args.against_vllm else [])
     results = []
-    for worker in ["tokenmill", *args.compare]:
-        print(f"running {worker} ...", file=sys.stderr, flush=True)
-        results.append(_subprocess(argv, worker))
-        r = results[-1]
-        print(f"  {r['engine']:<12} {r['output_tokens']:>7} tokens in {r['seconds']:.2f}s = "
-              f"{r['output_tok_s']:,.0f} output tok/s", file=sys.stderr, flush=True)
-    print(f"\n{'engine':<14}{'output tok/s':>14}{'seconds':>10}{'vs tokenmill':>14}")
-    base = results[0]["output_tok_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        wfile = _workload_file(args, model, tmp) if args.against_vllm else None
+        for count in counts:
+            for _ in range(args.pairs):
+                for worker in workers:
+                    print(f"running {worker} ({count or 'all'} prompts) ...", file=sys.stderr, flush=True)
+                    if worker == "vllm":
+                        dtype = "float32" if args.dtype == "auto" else args.dtype
+                        r = vllm_peer.run_offline(args.against_vllm, model, wfile, dtype, count or 0)
+                    else:
+                        r = _subprocess(argv + (["--num-prompts", str(count)] if count else []), worker)
+                    results.append(r)
+                    print(f"  {r['engine']:<12} {r['output_tokens']:>7} tokens in {r['seconds']:.2f}s = "
+                          f"{r['output_tok_s']:,.0f} output tok/s", file=sys.stderr, flush=True)
+    print(f"\n{'engine':<14}{'prompts':>8}{'output tok/s':>14}{'seconds':>10}{'vs tokenmill':>14}")
+    base = None
     for r in results:
-        print(f"{r['engine']:<14}{r['output_tok_s']:>14,.0f}{r['seconds']:>10.2f}{r['output_tok_s'] / base:>13.2f}x")
+        if r["engine"] == "tokenmill":
+            base = r["output_tok_s"]
+        print(f"{r['engine']:<14}{r['prompts']:>8}{r['output_tok_s']:>14,.0f}{r['seconds']:>10.2f}"
+              f"{r['output_tok_s'] / base:>13.2f}x")
     tm = results[0]
     print(f"\ntokenmill: {tm['steps']} steps, {tm['outside_forward_share']:.1%} of step time outside the model "
           f"forward; platform {tm['platform']}, attention {tm['attention']}")
-    for r in results[1:]:
+    for r in results:
+        if r["engine"] == "tokenmill" or r["prompts"] != tm["prompts"]:
+            continue
         same = r["first_tokens"] == tm["first_tokens"]
-        print(f"{r['engine']}: first greedy tokens of prompt 0 {'match' if same else 'DIFFER'} "
-              f"({tm['first_tokens']} vs {r['first_tokens']})")
+        line = f"{r['engine']}: first greedy tokens of prompt 0 {'match' if same else 'DIFFER'}"
+        if "outputs_sha" in r:
+            line += f"; all outputs {'identical' if r['outputs_sha'] == tm['outputs_sha'] else 'DIFFER'}"
+        print(line + f" ({tm['first_tokens']} vs {r['first_tokens']})")
+    if len(counts) > 1 and args.plot:
+        plot(results, args.plot, "offline output tok/s")
+        print(f"plot: {args.plot}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
