@@ -215,3 +215,137 @@ def test_random_workload_accounting(seed):
         assert s.is_finished
         if s.finish_reason is FinishReason.LENGTH:
             assert s.num_output_tokens == s.max_tokens
+
+
+# -- oversubscription: any load whose every single sequence fits the pool completes ----------------
+def content_token(seq) -> int:
+    """A token that depends on the whole sequence so far, so that a lost or reordered token shows."""
+    return (sum(t * (i + 1) for i, t in enumerate(seq.token_ids)) % 97) + 2
+
+
+def drive(sched, kv, seqs, limit=20_000):
+    """Run to completion, checking after every step that no waiting sequence holds a block."""
+    for s in seqs:
+        sched.add(s)
+    steps = 0
+    while sched.has_unfinished():
+        plan = sched.schedule()
+        for w in sched.waiting:
+            assert kv.num_blocks_of(w.seq_id) == 0, f"waiting sequence {w.request_id} holds blocks"
+        sched.update(plan, fake_runner(plan, content_token))
+        kv.check_invariants()
+        steps += 1
+        assert steps < limit, "scheduler made no progress"
+    assert kv.num_used_blocks == 0
+    return steps
+
+
+def new_seq(rid, prompt, max_tokens):
+    seq = Sequence(rid, list(prompt), len(prompt), Params(), max_tokens, eos_token_id=0)
+    _ALL[seq.seq_id] = seq
+    return seq
+
+
+def outputs_of(seqs):
+    return {s.request_id: s.output_token_ids for s in seqs}
+
+
+def alone(prompts, max_tokens, **make_kw):
+    """Each prompt run by itself on a fresh scheduler: the reference outputs."""
+    out = {}
+    for rid, prompt in prompts.items():
+        sched, kv = make(**make_kw)
+        seq = new_seq(rid, prompt, max_tokens)
+        drive(sched, kv, [seq])
+        out[rid] = seq.output_token_ids
+    return out
+
+
+def seqs_for(prompts, max_tokens):
+    return [new_seq(rid, p, max_tokens) for rid, p in prompts.items()]
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("same_prompt", [True, False])
+def test_issue_reproduction_four_long_sequences_complete(prefix, same_prompt):
+    # The issue's numbers: 80 blocks of 16, four 200-token prompts, 200 tokens each (369+ tokens, 24
+    # blocks a sequence): all four fit one at a time, not together.
+    prompts = {str(i): [(t + (0 if same_prompt else 7 * i)) % 90 + 3 for t in range(200)] for i in range(4)}
+    kw = dict(num_blocks=80, block_size=16, budget=2048, max_seqs=256, prefix=prefix)
+    sched, kv = make(**kw)
+    seqs = seqs_for(prompts, 200)
+    drive(sched, kv, seqs)
+    assert all(s.finish_reason is FinishReason.LENGTH and s.num_output_tokens == 200 for s in seqs)
+    assert outputs_of(seqs) == alone(prompts, 200, **kw)
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_thirty_two_concurrent_against_a_cache_ten_times_too_small(prefix):
+    # 32 sequences of 40 + 24 tokens (16 blocks of 4 each, 512 in all) on 52 blocks, with shared prefixes.
+    rng = random.Random(3)
+    heads = [[rng.randrange(3, 90) for _ in range(16)] for _ in range(3)]
+    prompts = {str(i): heads[i % 3] + [rng.randrange(3, 90) for _ in range(24)] for i in range(32)}
+    kw = dict(num_blocks=52, block_size=4, budget=64, max_seqs=32, prefix=prefix)
+    sched, kv = make(**kw)
+    seqs = seqs_for(prompts, 24)
+    drive(sched, kv, seqs)
+    assert sched.num_preemptions > 0
+    assert outputs_of(seqs) == alone(prompts, 24, **kw)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_oversubscribed_loads_complete_equal_to_one_at_a_time(seed):
+    rng = random.Random(seed)
+    bs = rng.choice([2, 4, 8])
+    num_blocks = rng.randint(6, 30)
+    chunked = rng.random() < 0.7
+    budget = rng.choice([8, 16, 64]) if chunked else 64
+    kw = dict(num_blocks=num_blocks, block_size=bs, budget=budget, max_seqs=rng.choice([2, 4, 64]),
+              prefix=rng.random() < 0.7)
+    heads = [[rng.randrange(3, 90) for _ in range(rng.randint(0, 3 * bs))] for _ in range(3)]
+    prompts, limits = {}, {}
+    for i in range(rng.randint(2, 24)):
+        total = rng.randint(2, num_blocks * bs)  # prompt + output fit the pool on their own
+        head = rng.choice(heads)[: total - 1]
+        tail = [rng.randrange(3, 90) for _ in range(rng.randint(1, total - len(head)))]
+        prompts[str(i)] = (head + tail)[:min(total - 1, budget)]
+        limits[str(i)] = total - len(prompts[str(i)])
+    sched, kv = make(**kw)
+    sched.config = SchedulerConfig(max_num_seqs=kw["max_seqs"], max_num_batched_tokens=budget,
+                                   enable_chunked_prefill=chunked)
+    seqs = [new_seq(rid, p, limits[rid]) for rid, p in prompts.items()]
+    drive(sched, kv, seqs)
+    for s in seqs:
+        assert s.finish_reason is FinishReason.LENGTH and s.num_output_tokens == limits[s.request_id]
+        ref_sched, ref_kv = make(**kw)
+        ref = new_seq(s.request_id, prompts[s.request_id], limits[s.request_id])
+        drive(ref_sched, ref_kv, [ref])
+        assert s.output_token_ids == ref.output_token_ids, s.request_id
+
+
+def test_waiting_sequence_does_not_pin_its_cached_prefix():
+    # The cached prefix of a waiting sequence stays evictable until it is admitted.
+    sched, kv = make(num_blocks=8, block_size=4, budget=64)
+    first = make_seq("a", 12, max_tokens=1)
+    drive(sched, kv, [first])
+    assert kv.num_cached_blocks == 3
+    big = new_seq("big", range(100, 124), 8)  # 8 blocks: the whole pool, nothing shared
+    same = make_seq("same", 12, max_tokens=2)  # shares a's prefix, waits behind big
+    sched.add(big)
+    sched.add(same)
+    plan = sched.schedule()
+    assert kv.num_blocks_of(same.seq_id) == 0 and same in sched.waiting
+    sched.update(plan, fake_runner(plan, content_token))
+    steps = drive(sched, kv, [])
+    assert steps > 0 and big.num_output_tokens == 8 and same.num_output_tokens == 2
+
+
+def test_recompute_progresses_without_chunked_prefill():
+    # Prompts fit the budget, but after a preemption prompt + output (the recompute) does not.
+    sched, kv = make(num_blocks=6, block_size=4, budget=8, prefix=False)
+    sched.config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, enable_chunked_prefill=False)
+    seqs = [new_seq(str(i), range(10 * i, 10 * i + 4), 16) for i in range(3)]
+    drive(sched, kv, seqs, limit=2000)
+    assert sched.num_preemptions > 0
+    assert all(s.num_output_tokens == 16 for s in seqs)
+    assert any(s.num_preemptions for s in seqs)

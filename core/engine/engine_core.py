@@ -145,6 +145,11 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt contains token id(s) {bad[:5]} outside the vocabulary (size {self.vocab_size})")
         params.verify_vocab(self.vocab_size)
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and n > sched.max_num_batched_tokens:
+            raise ValueError(f"prompt is {n} tokens long, more than max_num_batched_tokens "
+                             f"({sched.max_num_batched_tokens}) with chunked prefill disabled; enable chunked "
+                             f"prefill or raise max_num_batched_tokens")
         room = self.max_model_len - n
         if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {n} tokens exceeds the model's "

@@ -7,6 +7,11 @@ allow. When the pool runs dry for a running sequence, the newest running sequenc
 preempted: its blocks are freed and it goes back to the head of the waiting queue to be
 recomputed later. Works on ids and counts only; never imports torch.
 
+Progress is guaranteed for any load whose every single sequence fits the pool (the engine
+refuses others at admission): a waiting sequence holds no blocks (its cached prefix is
+attached only when it is admitted, and only if the whole step's share fits), so preempting
+the newest running sequences always frees enough for the oldest one to advance.
+
 A step's counts advance when it is scheduled (``num_scheduled``, ``num_pending``) and its
 results land when :meth:`Scheduler.update` applies them (``num_computed``, ``token_ids``), so
 the next step can be scheduled while one runs (overlap): a sequence whose token is still
@@ -91,7 +96,6 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
         seq.num_computed = seq.num_scheduled = seq.num_pending = 0
-        seq.prefix_matched = False
         seq.status = SeqStatus.WAITING
         seq.in_runner = False  # sent again in full when it runs again; the runner keeps its generator
         seq.runner_blocks = []
@@ -145,27 +149,31 @@ class Scheduler:
         for seq in list(self.waiting) if not preempted else []:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not seq.prefix_matched:
-                if inflight and self.kv.enable_prefix_caching and not self._needs_every_position(seq):
-                    hit = self.kv.peek_prefix(seq.token_ids, seq.salt)
-                    if self._next_block_key(seq, hit) in inflight:
-                        continue
-                seq.num_computed = 0 if self._needs_every_position(seq) else \
-                    self.kv.match_prefix(seq.seq_id, seq.token_ids, seq.salt)
-                seq.num_scheduled = seq.num_computed
-                seq.prefix_matched = True
-                if not seq.num_preemptions:
-                    seq.num_cached_tokens = seq.num_computed
-            remaining = seq.num_tokens - seq.num_scheduled
+            # A waiting sequence holds no blocks: its cached prefix is attached only once it is sure
+            # to be admitted, so the waiting queue can never pin the pool that running ones need.
+            use_prefix = not self._needs_every_position(seq)
+            hit = self.kv.admission_cost(seq.token_ids, seq.salt, 0, use_prefix)[0]
+            if inflight and self.kv.enable_prefix_caching and use_prefix \
+                    and self._next_block_key(seq, hit) in inflight:
+                continue
+            remaining = seq.num_tokens - hit
             num_new = min(remaining, budget)
-            if num_new < remaining and not self.config.enable_chunked_prefill:
+            # Without chunked prefill a prompt runs in one step (admission refused longer ones); a
+            # recompute after preemption (prompt plus output) may still be chunked, so it progresses.
+            if num_new < remaining and not (self.config.enable_chunked_prefill or seq.num_preemptions):
                 break
-            got = self.kv.allocate(seq.seq_id, seq.num_scheduled, num_new)
-            if got is None:
+            _, cost = self.kv.admission_cost(seq.token_ids, seq.salt, hit + num_new, use_prefix)
+            if cost > self.kv.num_free_blocks:
                 if not self.running and not scheduled:
                     raise RuntimeError(f"KV cache too small: {self.kv.num_blocks} blocks of {self.kv.block_size} "
                                        f"tokens cannot hold one sequence of {seq.num_tokens} tokens")
-                break
+                break  # first come, first served: later (smaller) sequences do not overtake it
+            seq.num_computed = self.kv.match_prefix(seq.seq_id, seq.token_ids, seq.salt) if use_prefix else 0
+            seq.num_scheduled = seq.num_computed
+            if not seq.num_preemptions:
+                seq.num_cached_tokens = seq.num_computed
+            got = self.kv.allocate(seq.seq_id, seq.num_scheduled, num_new)
+            assert got is not None, "admission_cost promised blocks that allocate could not find"
             admitted.append(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

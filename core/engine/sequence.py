@@ -57,7 +57,6 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    prefix_matched: bool = False
     #: Prompt tokens served from the prefix cache at the first scheduling.
     num_cached_tokens: int = 0
     num_preemptions: int = 0
@@ -99,6 +98,5 @@ class Sequence:
                          seq_id=new_seq_id() if seq_id is None else seq_id)
         child.num_computed = child.num_scheduled = self.num_computed if num_computed is None else num_computed
         child.status = self.status
-        child.prefix_matched = True
         child.logprobs = list(self.logprobs)
         return child

@@ -136,6 +136,25 @@ class KVCacheManager:
         max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
         return len(self._tree.match(salt, token_ids, max_blocks)) * self.block_size
 
+    def admission_cost(self, token_ids: Sequence[int], salt: str | None, num_tokens: int,
+                       use_prefix: bool = True) -> tuple[int, int]:
+        """What admitting a sequence would take, changing nothing: ``(hit, blocks)``.
+
+        ``hit`` is the tokens :meth:`match_prefix` would reuse now (0 if ``use_prefix`` is false);
+        ``blocks`` how many of :attr:`num_free_blocks` matching and then allocating positions up to
+        ``num_tokens`` would use up: the new blocks, plus the matched cached blocks that no live
+        sequence holds yet (matching pins them, so they stop being evictable). Admit only when
+        ``blocks <= num_free_blocks``; then ``match_prefix`` and ``allocate`` both succeed.
+        """
+        path = []
+        if use_prefix and self.enable_prefix_caching:
+            max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
+            path = self._tree.match(salt, token_ids, max_blocks)
+        hit = len(path) * self.block_size
+        pinned = sum(1 for node in path if self._pool.ref_count(node.block_id) == 0)
+        new = max(0, -(-max(num_tokens, hit) // self.block_size) - len(path))
+        return hit, pinned + new
+
     def cache_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed: int, salt: str | None = None) -> None:
         """Insert every full, computed block of ``seq_id`` (block i holds ``token_ids[i*bs:(i+1)*bs]``) into the tree.
 
