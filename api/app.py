@@ -173,10 +173,11 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
 
     @app.get("/health")
     async def health():
-        if engine.healthy:
+        problem = engine.health_problem()
+        if problem is None:
             return JSONResponse({"status": "ok"})
-        return JSONResponse(error_body(503, f"engine core is not running: {engine.dead or 'process exited'}",
-                                       None, "engine_dead"), 503)
+        return JSONResponse(error_body(503, problem, None, "engine_dead" if not engine.alive else "engine_stalled"),
+                            503)
 
     @app.get("/version")
     async def version():

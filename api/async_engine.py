@@ -30,6 +30,14 @@ class RequestRejected(Exception):
         self.kind = kind
 
 
+class RequestTimedOut(RequestRejected):
+    """The request ran past the server's ``--request-timeout``; it was aborted and its blocks freed."""
+
+    def __init__(self, timeout: float):
+        super().__init__("timeout", f"the request did not finish within the server's request timeout of "
+                                    f"{timeout:g} s")
+
+
 @dataclass
 class PromptInput:
     """One prompt of a request, already tokenized."""
@@ -64,15 +72,30 @@ class AsyncEngine:
     """Submits requests to the engine core process and streams back :class:`RequestOutput`.
 
     Call :meth:`start` from inside the running event loop before anything else.
+
+    ``request_timeout`` (seconds, None: none) bounds each request from arrival to its last
+    output; past it the request fails with :class:`RequestTimedOut` and is aborted.
+    ``stall_timeout``: the core sends a message at least every second while its loop runs, so
+    silence for this long means it is hung (:attr:`healthy` turns false). When the core dies,
+    requests in flight fail with :class:`CoreDead`; ``restart()`` (a blocking callable returning
+    a ready :class:`CoreClient`) then replaces it, at most ``max_restarts`` times over the
+    server's life; after that, or if a restart fails, ``on_fatal(reason)`` is called (the server
+    exits non-zero).
     """
 
-    def __init__(self, core: CoreClient, tokenizer, metrics=None):
+    def __init__(self, core: CoreClient, tokenizer, metrics=None, *, request_timeout: float | None = None,
+                 stall_timeout: float = 60.0, restart=None, max_restarts: int = 0, on_fatal=None):
         self.core = core
         self.info = core.info
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.processor = OutputProcessor(tokenizer)
         self.dead: str | None = None
+        self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
+        self.num_restarts = 0
+        self._restart, self._max_restarts, self._on_fatal = restart, max_restarts, on_fatal
+        self._last_heard = time.monotonic()
         self._groups: dict[str, RequestGroup] = {}
         self._stats_waiters: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
@@ -82,22 +105,45 @@ class AsyncEngine:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._reader, name="tokenmill-core-reader", daemon=True)
+        self._start_reader()
+
+    def _start_reader(self) -> None:
+        self._last_heard = time.monotonic()
+        self._thread = threading.Thread(target=self._reader, args=(self.core,), name="tokenmill-core-reader",
+                                        daemon=True)
         self._thread.start()
 
     def shutdown(self) -> None:
         self.core.close()
 
     @property
-    def healthy(self) -> bool:
+    def alive(self) -> bool:
+        """The core process runs and has not reported a crash (it may still be hung)."""
         return self.dead is None and self.core.alive
 
-    def _reader(self) -> None:
+    @property
+    def healthy(self) -> bool:
+        return self.health_problem() is None
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve now (dead, restarting, hung), or None when it can."""
+        if self.dead is not None:
+            return f"engine core is not running: {self.dead}"
+        if not self.core.alive:
+            return "engine core is not running: the process exited"
+        silent = time.monotonic() - self._last_heard
+        if silent > self.stall_timeout:
+            return f"engine core has made no progress for {silent:.0f} s (hung?)"
+        return None
+
+    def _reader(self, core: CoreClient) -> None:
         while True:
             try:
-                msg = self.core.recv()
+                msg = core.recv()
             except (EOFError, OSError):
                 msg = ("fatal", "the engine core process exited")
+            if core is not self.core:
+                return  # a replaced core: its last words concern nobody
             try:
                 self._loop.call_soon_threadsafe(self._on_message, msg)
             except RuntimeError:  # the loop is closed: we are shutting down
@@ -108,8 +154,10 @@ class AsyncEngine:
     # -- requests -------------------------------------------------------------------------------
     def add(self, prompts: list[PromptInput], params, stream: bool, cache_salt: str | None = None) -> RequestGroup:
         """Submit one engine request per prompt; consume the group with :meth:`results`."""
-        if not self.healthy:
+        if not self.alive:
             raise CoreDead(self.dead or "the engine core process is not running")
+        if not self._groups:  # work starts now: silence before it was idleness, not a hang
+            self._last_heard = time.monotonic()
         group = RequestGroup([p.request_id for p in prompts], stream, time.monotonic())
         group.accepted = self._loop.create_future()
         # The handler may be gone (client disconnected) when a rejection arrives.
@@ -123,10 +171,10 @@ class AsyncEngine:
 
     async def results(self, group: RequestGroup):
         """Yield the group's outputs (deltas when streaming, else each prompt's final output)
-        until every prompt has finished. Raises RequestRejected or CoreDead."""
-        await asyncio.shield(group.accepted)
+        until every prompt has finished. Raises RequestRejected (RequestTimedOut) or CoreDead."""
+        await self._in_time(asyncio.shield(group.accepted), group)
         while group.pending or not group.queue.empty():
-            item = await group.queue.get()
+            item = await self._in_time(group.queue.get(), group)
             if isinstance(item, BaseException):
                 raise item
             if item.finished:
@@ -136,7 +184,17 @@ class AsyncEngine:
 
     async def wait_accepted(self, group: RequestGroup) -> None:
         """Return once the core has queued every prompt; raise if it refused one."""
-        await asyncio.shield(group.accepted)
+        await self._in_time(asyncio.shield(group.accepted), group)
+
+    async def _in_time(self, awaitable, group: RequestGroup):
+        """Await ``awaitable`` within the group's request timeout (the caller aborts the group on failure)."""
+        if self.request_timeout is None:
+            return await awaitable
+        left = group.arrival + self.request_timeout - time.monotonic()
+        try:
+            return await asyncio.wait_for(awaitable, max(left, 0.0))
+        except asyncio.TimeoutError:
+            raise RequestTimedOut(self.request_timeout) from None
 
     def abort(self, group: RequestGroup, count: bool = True) -> None:
         """Stop whatever is left of the group (client gone, error); its KV blocks are freed."""
@@ -152,7 +210,7 @@ class AsyncEngine:
 
     async def stats(self, timeout: float = 5.0):
         """The core's :class:`~tokenmill.engine.engine_core.EngineStats` (a fresh snapshot)."""
-        if not self.healthy:
+        if not self.alive:
             raise CoreDead(self.dead or "the engine core process is not running")
         token = next(self._tokens)
         fut = self._loop.create_future()
@@ -165,7 +223,7 @@ class AsyncEngine:
 
     async def flush_cache(self, timeout: float = 10.0) -> int:
         """Drop the prefix cache's unreferenced blocks; returns how many were freed."""
-        if not self.healthy:
+        if not self.alive:
             raise CoreDead(self.dead or "the engine core process is not running")
         token = next(self._tokens)
         fut = self._loop.create_future()
@@ -178,6 +236,7 @@ class AsyncEngine:
 
     # -- dispatch (runs on the event loop) ------------------------------------------------------
     def _on_message(self, msg) -> None:
+        self._last_heard = time.monotonic()
         kind = msg[0]
         if kind == "batch":
             _, updates, events = msg
@@ -259,7 +318,34 @@ class AsyncEngine:
                 group.accepted.set_exception(err)
             else:
                 group.queue.put_nowait(err)
+        for rid in self._groups:
+            self.processor.abort(rid)
         self._groups.clear()
         for fut in self._stats_waiters.values():
             if not fut.done():
                 fut.set_exception(err)
+        if self._restart is not None and self.num_restarts < self._max_restarts:
+            self.num_restarts += 1
+            self.dead = f"restarting ({self.num_restarts} of at most {self._max_restarts}) after: {reason}"
+            self._restarting = asyncio.ensure_future(self._restart_core())
+        else:
+            self._give_up(reason)
+
+    async def _restart_core(self) -> None:
+        old = self.core
+        try:
+            await self._loop.run_in_executor(None, old.close)
+            core = await self._loop.run_in_executor(None, self._restart)
+        except Exception as exc:
+            log.error("engine core restart failed: %s", exc)
+            self.dead = f"restart failed: {exc}"
+            return self._give_up(self.dead)
+        self.core, self.info = core, core.info
+        self.dead = None
+        self._start_reader()
+        log.warning("engine core restarted (%d of at most %d restarts)", self.num_restarts, self._max_restarts)
+
+    def _give_up(self, reason: str) -> None:
+        if self._on_fatal is not None:
+            log.error("engine core is gone for good (%s); stopping the server", reason)
+            self._on_fatal(reason)

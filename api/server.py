@@ -25,10 +25,17 @@ def run_server(args) -> int:
         raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     if args.max_n < 1:
         raise ValueError(f"--max-n must be at least 1, got {args.max_n}")
+    for flag in ("request_timeout", "shutdown_timeout", "engine_stall_timeout"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.engine_restarts < 0:
+        raise ValueError(f"--engine-restarts must be 0 or more, got {args.engine_restarts}")
     config = EngineConfig.from_kwargs(model, tokenizer=args.tokenizer, served_model_name=names[0],
                                       max_waiting=args.max_waiting, **engine_kwargs(args))
     # The core loads the model while this process loads the tokenizer (both import torch).
     core = CoreClient(config, startup_timeout=args.startup_timeout, wait=False)
+    engine = None
     try:
         import uvicorn
 
@@ -45,7 +52,18 @@ def run_server(args) -> int:
         except CoreStartupError as exc:
             print(f"tokenmill serve: error: {exc}", file=sys.stderr, flush=True)
             return 1
-        engine = AsyncEngine(core, tokenizer)
+        server = None
+        gave_up: list[str] = []
+
+        def on_fatal(reason: str) -> None:
+            gave_up.append(reason)
+            if server is not None:
+                server.should_exit = True  # graceful: responses already failed with 503 still go out
+
+        engine = AsyncEngine(core, tokenizer, request_timeout=args.request_timeout,
+                             stall_timeout=args.engine_stall_timeout, max_restarts=args.engine_restarts,
+                             restart=lambda: CoreClient(config, startup_timeout=args.startup_timeout),
+                             on_fatal=on_fatal)
         app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes,
                                             args.tool_call_parser, max_n=args.max_n, store_path=args.store,
                                             embedding_pooling=args.embedding_pooling))
@@ -54,8 +72,14 @@ def run_server(args) -> int:
               f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "
               f"attention {info.attention_backend}; listening on http://{args.host}:{args.port}"
               f"{' (API key required)' if api_key else ''}", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                    timeout_keep_alive=30, access_log=args.access_log)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                                               timeout_keep_alive=30, access_log=args.access_log,
+                                               timeout_graceful_shutdown=args.shutdown_timeout))
+        server.run()
+        if gave_up:
+            print(f"tokenmill serve: error: the engine core died and was not restarted: {gave_up[0]}",
+                  file=sys.stderr, flush=True)
+            return 1
     finally:
-        core.close()
+        (engine.core if engine is not None else core).close()
     return 0

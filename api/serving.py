@@ -298,7 +298,10 @@ def engine_error(exc: Exception) -> APIError:
                             headers={"Retry-After": "1"})
         if exc.kind == "invalid":
             return APIError(400, str(exc))
+        if exc.kind == "timeout":
+            return APIError(504, f"The request timed out: {exc} (--request-timeout).", None, "request_timeout")
         return APIError(500, "internal server error")
     if isinstance(exc, CoreDead):
-        return APIError(500, f"The engine is not running ({exc}).", None, "engine_dead")
+        return APIError(503, f"The engine is not running ({exc}). Retry later.", None, "engine_dead",
+                        headers={"Retry-After": "5"})
     return APIError(500, "internal server error")

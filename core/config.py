@@ -181,9 +181,14 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
     device: str = "auto"
+    #: Seeds the sampling generator shared by requests that bring no ``seed`` of their own.
     seed: int = 0
     #: Run the core's reference ops and attention even where a plugin registered faster ones.
     reference_ops: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -30,6 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-pooling", default="auto", choices=["auto", "last", "mean"],
                    help="how /v1/embeddings pools the final hidden states: the last token's, their mean, or "
                         "auto: the checkpoint's sentence-transformers pooling config, else last (default auto)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="fail a request (504) that has not finished this many seconds after it arrived, freeing "
+                        "its KV blocks (default: no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to let requests in flight finish before they are cut off "
+                        "(default 30)")
+    p.add_argument("--engine-stall-timeout", type=float, default=60.0,
+                   help="/health answers 503 once the engine core's step loop has been silent this long "
+                        "(hung, not dead) (default 60)")
+    p.add_argument("--engine-restarts", type=int, default=3,
+                   help="restart a dead engine core at most this many times (requests in flight fail with 503); "
+                        "after that the server exits with status 1 (default 3; 0: exit at once)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     from tokenmill.guided.tool_parsers import TOOL_PARSERS

@@ -23,7 +23,8 @@ core -> API messages::
 
 ``events`` holds ``("accepted", rid)``, ``("rejected", rid, kind, message)`` with ``kind`` in
 ``queue_full``/``invalid``/``internal``, ``("stats", token, EngineStats)`` and
-``("flushed", token, num_blocks_freed)``.
+``("flushed", token, num_blocks_freed)`` and ``("heartbeat",)`` (sent when nothing else was for
+:data:`HEARTBEAT_S`, idle or busy: a step loop that stops making progress falls silent).
 The core blocks on its command pipe while it has no work (no busy spin) and exits when the
 API process goes away (its command pipe reaches EOF).
 """
@@ -82,6 +83,11 @@ class WireLogprobs(NamedTuple):
 
 def _wire(lp):
     return None if lp is None else WireLogprobs(lp.token_id, lp.logprob, lp.rank, list(lp.top))
+
+
+#: The core sends at least one message this often (a ``heartbeat`` event when it has nothing
+#: else to say), so the API can tell a live step loop from a hung one.
+HEARTBEAT_S = 1.0
 
 
 # -- the child side -------------------------------------------------------------------------------
@@ -158,10 +164,15 @@ def _loop(engine, cmd_conn, out_conn) -> None:
             log.error("unknown command %r", kind)
         return True
 
+    last_sent = time.monotonic()
     while True:
         events: list = []
-        if not engine.has_unfinished() and not handle(cmd_conn.recv(), events):  # idle: block
-            return
+        if not engine.has_unfinished():  # idle: block (waking once a HEARTBEAT_S to say it is alive)
+            if cmd_conn.poll(HEARTBEAT_S):
+                if not handle(cmd_conn.recv(), events):
+                    return
+            else:
+                events.append(("heartbeat",))
         while cmd_conn.poll():
             if not handle(cmd_conn.recv(), events):
                 return
@@ -186,8 +197,11 @@ def _loop(engine, cmd_conn, out_conn) -> None:
             if engine.stats().steps == steps:
                 # Work exists but nothing could be scheduled: wait for a command, not spin.
                 cmd_conn.poll(0.01)
+        if not (updates or events) and time.monotonic() - last_sent >= HEARTBEAT_S:
+            events.append(("heartbeat",))  # busy without results to report (long prefills)
         if updates or events:
             out_conn.send(("batch", updates, events))
+            last_sent = time.monotonic()
 
 
 # -- the API side ---------------------------------------------------------------------------------

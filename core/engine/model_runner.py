@@ -86,7 +86,8 @@ class ModelRunner:
         self.spec = rank_attention_spec(spec, self.tp)
         self.block_size = config.cache.block_size
         self.vocab_size = hf_config.vocab_size
-        self.sampler = Sampler()
+        # Requests without a seed of their own draw from one generator seeded by the engine's seed.
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         #: Structured output (a GuidedRuntime), set by the engine when the first constrained request arrives.
         self.guided = None
         #: Shape buckets every step is padded to, on a platform that declares static shapes.
