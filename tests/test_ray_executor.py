@@ -45,7 +45,7 @@ def test_tp2_across_two_ray_nodes_equals_tp1(cluster):
     prompts = [[1] + torch.randint(4, 512, (n,), generator=gen).tolist() for n in (4, 30)]
     expected = [o.outputs[0].token_ids for o in LLM(str(path), num_blocks=32).generate(prompts, GREEDY)]
     llm = LLM(str(path), num_blocks=32, tensor_parallel_size=2, distributed_executor_backend="ray",
-              distributed_timeout=60)
+              distributed_timeout=120)
     try:
         head, other = llm.engine.executor.node_ids
         assert head != other, "rank 1 must run on the second node"

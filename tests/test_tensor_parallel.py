@@ -49,7 +49,7 @@ def _tokens(llm, prompts, params=GREEDY):
 def test_tp2_greedy_equals_hf(arch):
     path = make_tiny_model(arch)
     prompts = _prompts()
-    llm = LLM(str(path), num_blocks=64, tensor_parallel_size=2, distributed_timeout=60)
+    llm = LLM(str(path), num_blocks=64, tensor_parallel_size=2, distributed_timeout=120)
     try:
         assert llm.engine.executor.procs, "TP=2 must run a second rank in a worker process"
         assert llm.engine.runner.spec.num_heads == 2  # 4 query heads split over 2 ranks
@@ -66,7 +66,7 @@ def test_tp2_with_prefix_caching_chunking_and_preemption():
     opts = dict(num_blocks=14, block_size=8, max_num_batched_tokens=8, max_num_seqs=4)
     one = LLM(str(path), **opts)
     expected = [_tokens(one, [p])[0] for p in prompts]  # one at a time, TP=1
-    llm = LLM(str(path), tensor_parallel_size=2, distributed_timeout=60, **opts)
+    llm = LLM(str(path), tensor_parallel_size=2, distributed_timeout=120, **opts)
     try:
         assert _tokens(llm, prompts) == expected
         stats = llm.engine.stats()
@@ -120,7 +120,7 @@ def test_tp2_structured_output_follows_the_schema():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
               "required": ["a", "b"], "additionalProperties": False}
     params = SamplingParams(max_tokens=200, temperature=0, structured_outputs=StructuredOutputsParams(json=schema))
-    llm = LLM(str(path), num_blocks=64, tensor_parallel_size=2, distributed_timeout=60)
+    llm = LLM(str(path), num_blocks=64, tensor_parallel_size=2, distributed_timeout=120)
     try:
         outs = [o.outputs[0] for o in llm.generate(_prompts()[:2], params)]
         assert all(o.finish_reason == "stop" for o in outs)
