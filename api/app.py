@@ -47,6 +47,8 @@ class AppSettings:
     store_path: str | None = None
     #: How ``/v1/embeddings`` pools hidden states: ``auto``, ``last`` or ``mean`` (see api/embeddings.py).
     embedding_pooling: str = "auto"
+    trust_request_chat_template: bool = False
+    chat_template_timeout: float = 5.0
 
 
 class _Gate:
@@ -151,7 +153,9 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     metrics = metrics or Metrics(settings.model_names[0])
     engine.metrics = metrics
     srv = Serving(engine, engine.tokenizer, list(settings.model_names), settings.model_path,
-                  settings.tool_call_parser, max_n=settings.max_n)
+                  settings.tool_call_parser, max_n=settings.max_n,
+                  trust_request_chat_template=settings.trust_request_chat_template,
+                  chat_template_timeout=settings.chat_template_timeout, max_prompt_chars=settings.max_body_bytes)
     srv.store = CompletionStore(settings.store_path) if settings.store_path else None
     pooling, embedding_size = resolve_pooling(settings.embedding_pooling, settings.model_path), \
         hidden_size(settings.model_path)
@@ -160,9 +164,12 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        if srv.sandbox is not None:
+            srv.sandbox.start()
         try:
             yield
         finally:
+            srv.close()
             if srv.store is not None:
                 srv.store.close()
 
@@ -209,7 +216,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt and messages.", "prompt")
         if req.prompt is not None:
-            ids = srv.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+            ids = await srv.encode(req.prompt, req.add_special_tokens is not False, "prompt")
         else:
             chat = ChatCompletionRequest(messages=req.messages, tools=req.tools)
             try:
@@ -217,9 +224,9 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
             except ValueError as exc:
                 raise bad_request(str(exc), "messages") from None
             calling = prepare(chat, srv.tool_parser)
-            _, ids = render(srv, template_messages(conversation), req.add_generation_prompt,
-                            req.continue_final_message, bool(req.add_special_tokens), None,
-                            {"tools": calling.tools} if calling is not None and calling.tools else None)
+            _, ids = await render(srv, template_messages(conversation), req.add_generation_prompt,
+                                  req.continue_final_message, bool(req.add_special_tokens), None,
+                                  {"tools": calling.tools} if calling is not None and calling.tools else None)
         return {"count": len(ids), "max_model_len": srv.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -228,7 +235,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
         bad = [t for t in req.tokens if not 0 <= t < srv.vocab_size]
         if bad:
             raise bad_request(f"token id(s) {bad[:5]} are outside the vocabulary (size {srv.vocab_size}).", "tokens")
-        return {"prompt": srv.tokenizer.decode(req.tokens)}
+        return {"prompt": await srv.decode(req.tokens)}
 
     add_worker_routes(app, engine, settings.model_names, settings.model_path,
                       getattr(engine.tokenizer, "name_or_path", None) or settings.model_path)

@@ -10,19 +10,14 @@ from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 from tokenmill.api.tool_calls import adjust_params, message, prepare, streamer, template_messages
 from tokenmill.guided.tools import ToolCalling
 from tokenmill.api.store import check_metadata, disabled, stored_message
-from tokenmill.tokenizer import render_chat
 
 
-def render(srv: Serving, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
-           add_special_tokens: bool, chat_template: str | None = None, kwargs: dict | None = None):
-    """``(prompt text, token ids)`` of a conversation; template problems are 400s naming ``messages``."""
-    try:
-        text = render_chat(srv.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                           continue_final_message=continue_final_message, chat_template=chat_template,
-                           **(kwargs or {}))
-    except ValueError as exc:
-        raise bad_request(str(exc), "messages") from None
-    return text, srv.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+async def render(srv: Serving, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
+                 add_special_tokens: bool, chat_template: str | None = None, kwargs: dict | None = None):
+    """``(prompt text, token ids)`` of a conversation; template problems are 400s naming ``messages``
+    (or ``chat_template``), all of it done off the event loop."""
+    text = await srv.render_chat(messages, add_generation_prompt, continue_final_message, chat_template, kwargs)
+    return text, await srv.encode(text, add_special_tokens, "messages")
 
 
 def _echo(req: ChatCompletionRequest, conversation: list[dict]) -> str:
@@ -43,7 +38,7 @@ async def create_chat_completion(srv: Serving, req: ChatCompletionRequest):
     kwargs = dict(req.chat_template_kwargs or {})
     if calling is not None and calling.tools:
         kwargs["tools"] = calling.tools
-    text, ids = render(srv, template_messages(conversation), req.add_generation_prompt, req.continue_final_message,
+    text, ids = await render(srv, template_messages(conversation), req.add_generation_prompt, req.continue_final_message,
                        req.add_special_tokens, req.chat_template, kwargs)
     if req.store and srv.store is None:
         raise disabled()

@@ -12,7 +12,7 @@ from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
 from tokenmill.tokenizer import fim_prompt, fim_tokens
 
 
-def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+async def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
     """Each prompt as ``(text or None, token ids)``; a list of strings or of id lists is a batch."""
     p = req.prompt
     if isinstance(p, str):
@@ -28,7 +28,7 @@ def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | None, lis
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append((item, srv.tokenizer.encode(item, add_special_tokens=req.add_special_tokens)))
+            out.append((item, await srv.encode(item, req.add_special_tokens, "prompt")))
         else:
             out.append((None, list(item)))
     return out
@@ -55,7 +55,7 @@ async def create_completion(srv: Serving, req: CompletionRequest):
     check_fields(req, "completions")
     srv.log_unknown(req, "completions")
     params = srv.sampling_params(req)
-    prompts = _prompts(srv, req)
+    prompts = await _prompts(srv, req)
     for _, ids in prompts:
         srv.check_prompt(ids, params, "prompt", req.max_tokens_param)
     sub = srv.submit("cmpl", prompts, params, req.stream, req.cache_salt)

@@ -8,8 +8,8 @@ valid Unicode (lone surrogate escapes such as ``"\\ud800"``) wherever they occur
 """
 from __future__ import annotations
 
-import json
 import re
+from array import array
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
@@ -29,13 +29,11 @@ def _bad_text(s: str) -> bool:
 def find_lone_surrogate(data: Any) -> tuple | None:
     """The path (keys and indexes) of the first string, value or key, in decoded JSON ``data``
     that holds a lone surrogate, or None. JSON's ``\\uXXXX`` escapes (and Python's json
-    module) let them through, but no tokenizer, encoder or log can take them."""
-    try:  # one pass in C over the whole body; the walk below only runs to find the place
-        text = json.dumps(data, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):  # objects json cannot take: walk them
-        text = None
-    if text is not None and not _bad_text(text):
-        return None
+    module) let them through, but no tokenizer, encoder or log can take them.
+
+    This runs on the event loop for every body, so the common cases stay in C: ``isascii``
+    on text, ``join`` on a list of texts, ``array`` on a list of token ids (each refuses
+    anything else)."""
     stack: list[tuple[Any, tuple]] = [(data, ())]
     while stack:
         obj, path = stack.pop()
@@ -48,7 +46,17 @@ def find_lone_surrogate(data: Any) -> tuple | None:
                     return (*path, k)
             stack.extend((v, (*path, k)) for k, v in reversed(obj.items()) if isinstance(v, (str, list, dict)))
         elif isinstance(obj, list):
-            stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(obj))) if isinstance(v, (str, list, dict)))
+            try:
+                if not _bad_text("".join(obj)):
+                    continue  # strings only, all valid
+            except TypeError:
+                try:
+                    array("q", obj)
+                    continue  # integers only
+                except (TypeError, OverflowError):
+                    pass
+            stack.extend((obj[i], (*path, i)) for i in range(len(obj) - 1, -1, -1)
+                         if isinstance(obj[i], (str, list, dict)))
     return None
 
 

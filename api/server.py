@@ -31,6 +31,8 @@ def run_server(args) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.engine_restarts < 0:
         raise ValueError(f"--engine-restarts must be 0 or more, got {args.engine_restarts}")
+    if not args.chat_template_timeout > 0:
+        raise ValueError(f"--chat-template-timeout must be positive, got {args.chat_template_timeout}")
     config = EngineConfig.from_kwargs(model, tokenizer=args.tokenizer, served_model_name=names[0],
                                       max_waiting=args.max_waiting, **engine_kwargs(args))
     # The core loads the model while this process loads the tokenizer (both import torch).
@@ -66,7 +68,9 @@ def run_server(args) -> int:
                              on_fatal=on_fatal)
         app = build_app(engine, AppSettings(tuple(names), model, api_key, args.max_body_bytes,
                                             args.tool_call_parser, max_n=args.max_n, store_path=args.store,
-                                            embedding_pooling=args.embedding_pooling))
+                                            embedding_pooling=args.embedding_pooling,
+                                            trust_request_chat_template=args.trust_request_chat_template,
+                                            chat_template_timeout=args.chat_template_timeout))
         info = core.info
         print(f"tokenmill serve: model {names[0]} ({model}) on {info.platform}, KV cache {info.num_kv_tokens:,} "
               f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "

@@ -2,22 +2,30 @@
 submission to the engine, error mapping, logprobs and usage formatting, SSE framing."""
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tokenmill.api.async_engine import AsyncEngine, PromptInput, RequestGroup, RequestRejected
 from tokenmill.api.errors import APIError, bad_request, invalid_params
+from tokenmill.api.template_sandbox import TemplateError, TemplateSandbox
 from tokenmill.engine.core_process import CoreDead
+from tokenmill.tokenizer import encode_bounded, render_chat
 from tokenmill.guided.interface import GuidedSpec, GuidedSpecError
 from tokenmill.guided.manager import choose_backend
 from tokenmill.guided.params import StructuredOutputsParams
 
 log = logging.getLogger(__name__)
 
+#: Threads for tokenization and chat-template rendering; texts up to INLINE_CHARS are
+#: tokenized on the event loop directly (a millisecond or so, less than the hop to a thread).
+CPU_WORKERS = 2
+INLINE_CHARS = 16384
 #: Most top logprobs a request may ask for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
 _SAMPLING_FIELDS = {
@@ -76,11 +84,19 @@ class Serving:
     """Per-server state and helpers for the OpenAI endpoints."""
 
     def __init__(self, engine: AsyncEngine, tokenizer, model_names: list[str], model_path: str,
-                 tool_parser: str | None = None, max_n: int = 128):
+                 tool_parser: str | None = None, max_n: int = 128, trust_request_chat_template: bool = False,
+                 chat_template_timeout: float = 5.0, max_prompt_chars: int = 16 << 20):
         from tokenmill.guided.tool_parsers import default_tool_parser, get_tool_parser
 
         self.engine = engine
         self.max_n = max_n
+        #: Rendered chat prompts longer than this are refused: a template must not turn a small
+        #: request into a bigger prompt than the client could have sent itself (--max-body-bytes).
+        self.max_prompt_chars = max_prompt_chars
+        # Tokenization and template rendering of big inputs run here, not on the event loop.
+        self.cpu = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="tokenmill-cpu")
+        self.sandbox = TemplateSandbox(getattr(tokenizer, "special_tokens_map", {}), chat_template_timeout,
+                                       max_prompt_chars) if trust_request_chat_template else None
         self.tokenizer = tokenizer
         self.model_names = model_names
         self.model_path = model_path
@@ -161,6 +177,62 @@ class Serving:
         params.structured_outputs = so
         return params
 
+    # -- off-loop CPU work ----------------------------------------------------------------------
+    async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of ``text``; a prompt longer than the context is a 400 (counted, not listed)."""
+        if len(text) <= INLINE_CHARS:
+            ids = encode_bounded(self.tokenizer, text, add_special_tokens, self.max_model_len)
+        else:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self.cpu, encode_bounded, self.tokenizer, text, add_special_tokens, self.max_model_len)
+        if isinstance(ids, int):
+            raise self._too_long(ids, param)
+        return ids
+
+    async def decode(self, ids: list[int]) -> str:
+        if len(ids) <= INLINE_CHARS // 4:
+            return self.tokenizer.decode(ids)
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, self.tokenizer.decode, ids)
+
+    async def render_chat(self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
+                          chat_template: str | None = None, kwargs: dict | None = None) -> str:
+        """The conversation through the chat template, off the event loop and bounded.
+
+        The model's own template (trusted, from the operator) renders in a worker thread; a
+        request's ``chat_template`` only when the server trusts them, in the sandbox's worker
+        processes under a deadline. Either way the text may not exceed ``max_prompt_chars``.
+        """
+        if chat_template is not None:
+            if self.sandbox is None:
+                raise bad_request("this server does not accept a chat_template in requests (the operator can allow "
+                                  "it with --trust-request-chat-template).", "chat_template")
+            if add_generation_prompt and continue_final_message:
+                raise bad_request("add_generation_prompt and continue_final_message cannot both be true", "messages")
+            try:
+                return await self.sandbox.render(chat_template, messages, add_generation_prompt,
+                                                 continue_final_message, kwargs)
+            except TemplateError as exc:
+                raise bad_request(str(exc), "chat_template") from None
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(
+                self.cpu, lambda: render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                              continue_final_message=continue_final_message, **(kwargs or {})))
+        except ValueError as exc:
+            raise bad_request(str(exc), "messages") from None
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(f"the chat template rendered {len(text)} characters, more than the limit of "
+                              f"{self.max_prompt_chars}.", "messages")
+        return text
+
+    def close(self) -> None:
+        self.cpu.shutdown(wait=False, cancel_futures=True)
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+    def _too_long(self, n: int, param: str) -> APIError:
+        return bad_request(f"This model's maximum context length is {self.max_model_len} tokens, but the prompt is "
+                           f"{n} tokens long.", param, "context_length_exceeded")
+
     def check_prompt(self, ids: list[int], params, param: str, max_tokens_param: str = "max_tokens") -> None:
         """The engine's own admission checks, done here so that the error names the parameter."""
         n, limit = len(ids), self.max_model_len
@@ -171,8 +243,7 @@ class Serving:
             raise bad_request(f"the prompt contains token id(s) {bad[:5]} outside the vocabulary "
                               f"(size {self.vocab_size}).", param)
         if n > limit or (n == limit and params.max_tokens != 0):
-            raise bad_request(f"This model's maximum context length is {limit} tokens, but the prompt is {n} "
-                              f"tokens long.", param, "context_length_exceeded")
+            raise self._too_long(n, param)
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise bad_request(f"{max_tokens_param} is {params.max_tokens}, but the prompt's {n} tokens plus "
                               f"{params.max_tokens} exceed the model's maximum context length of {limit} tokens.",

@@ -64,3 +64,22 @@ def fim_prompt(tokenizer, fim, prefix_ids: list[int], suffix_ids: list[int], lea
     if order == "psm":
         return [*lead, p, *prefix_ids, s, *suffix_ids, m]
     return [*lead, s, *suffix_ids, p, *prefix_ids]
+
+
+def encode_bounded(tokenizer, text: str, add_special_tokens: bool, limit: int) -> list[int] | int:
+    """``tokenizer.encode(text)``, or just the token count when it exceeds ``limit``.
+
+    Safe to call from a worker thread: a fast tokenizer's Rust backend encodes without the
+    GIL, and an over-long prompt (a 10 MB one) is counted without building its list of ids,
+    the part that would hold the GIL for long. Same ids as ``tokenizer.encode``: that calls
+    the backend's ``encode_batch`` too, with no truncation and the same special-token
+    splitting, which is what the checks below make sure of.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None \
+            or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return ids if len(ids) <= limit else len(ids)
+    (enc,) = backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+    n = len(enc)
+    return enc.ids if n <= limit else n

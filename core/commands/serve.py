@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="largest request body (default 16 MiB)")
     p.add_argument("--max-n", type=int, default=128,
                    help="largest n (and best_of) one request may ask for (default 128, as OpenAI)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="honour a chat_template sent in a request (rendered in a sandboxed worker process under "
+                        "--chat-template-timeout); off: such a request is a 400")
+    p.add_argument("--chat-template-timeout", type=float, default=5.0,
+                   help="seconds a request's chat template may render before it is stopped (default 5)")
     p.add_argument("--startup-timeout", type=float, default=None,
                    help="seconds to wait for the engine to load (default: no limit)")
     p.add_argument("--store", default=None, metavar="PATH",

@@ -1,0 +1,102 @@
+"""One request must not freeze the API for everyone: tokenization and chat templates run off
+the event loop, and a request's own chat template (allowed here with
+``--trust-request-chat-template``) is bounded in time, output and memory."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from api_conftest import SMALL_ENGINE, assert_error, running_server
+
+from tokenmill.testing.tiny_models import make_tiny_model
+
+MODEL = "tiny"
+TIMEOUT = 2.0
+USER = [{"role": "user", "content": "hi"}]
+NESTED = ("{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x"
+          "{% endfor %}{% endfor %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    args = [str(make_tiny_model("llama")), *SMALL_ENGINE, "--served-model-name", MODEL,
+            "--trust-request-chat-template", "--chat-template-timeout", str(TIMEOUT)]
+    with running_server(args) as s:
+        yield s
+
+
+def assert_responsive(lat: list[float]) -> None:
+    """/health answered within 200 ms while the slow request ran (before: one poll waited for all of it).
+    A shared CI machine can deschedule the server for a moment, so one poll in ten may be slower."""
+    lat = sorted(lat)
+    assert lat[int(len(lat) * 0.9)] < 0.2 and lat[-1] < 2.0, lat[-5:]
+
+
+def health_latencies_during(server, slow_request) -> tuple[list[float], object]:
+    """Run ``slow_request()`` in a thread; poll /health until it returns. Returns the latencies and its result."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", slow_request()))
+    worker.start()
+    latencies = []
+    with httpx.Client(timeout=30) as c:
+        while worker.is_alive():
+            t = time.perf_counter()
+            assert c.get(server.url + "/health").status_code == 200
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.05)
+    worker.join()
+    return latencies, result["r"]
+
+
+def chat(server, **kw) -> httpx.Response:
+    return httpx.post(server.base_url + "/chat/completions", json={"model": MODEL, "messages": USER,
+                                                                    "max_tokens": 2, **kw}, timeout=60)
+
+
+def test_health_answers_while_a_10mb_prompt_is_tokenized(server):
+    prompt = "hello " * (10_000_000 // 6)  # 10 MB
+    lat, resp = health_latencies_during(server, lambda: httpx.post(
+        server.base_url + "/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1}, timeout=120))
+    err = assert_error(resp, 400, "prompt")
+    assert err["code"] == "context_length_exceeded" and "tokens long" in err["message"]
+    assert len(lat) >= 3, lat  # the prompt took a while: /health was asked during it
+    lat.sort()
+    print(f"/health during a 10 MB prompt: {len(lat)} polls, median {lat[len(lat) // 2] * 1000:.0f} ms, "
+          f"max {lat[-1] * 1000:.0f} ms")
+    assert_responsive(lat)
+
+
+def test_nested_loop_template_is_stopped_and_loop_stays_free(server):
+    lat, resp = health_latencies_during(server, lambda: chat(server, chat_template=NESTED))
+    err = assert_error(resp, 400, "chat_template")
+    assert f"{TIMEOUT:g} s" in err["message"]
+    lat.sort()
+    print(f"/health during a nested-loop template: {len(lat)} polls, max {lat[-1] * 1000:.0f} ms")
+    assert_responsive(lat)
+    # The killed renderer was replaced: the next request's template renders.
+    ok = chat(server, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert ok.status_code == 200, ok.text
+
+
+def test_template_output_and_memory_are_bounded(server):
+    # 30M characters from a 100-byte request: more than --max-body-bytes allows a prompt to be.
+    err = assert_error(chat(server, chat_template="{{ 'ab ' * 10000000 }}"), 400, "chat_template")
+    assert "characters, more than the limit" in err["message"]
+    err = assert_error(chat(server, chat_template="{{ 'ab' * 10**10 }}"), 400, "chat_template")
+    assert "memory" in err["message"]
+    err = assert_error(chat(server, chat_template="{{ raise_exception('no') }}"), 400, "chat_template")
+    assert "no" in err["message"]
+    assert_error(chat(server, chat_template="{% for %}"), 400, "chat_template")
+
+
+def test_request_template_is_honoured(server):
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{{ bos_token }}"
+    resp = chat(server, chat_template=template, add_special_tokens=False)
+    assert resp.status_code == 200, resp.text
+    toks = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "<user>hi<s>",
+                                                      "add_special_tokens": False}).json()
+    assert resp.json()["usage"]["prompt_tokens"] == toks["count"]
+    # The model's own template still applies when the request sends none.
+    assert chat(server).status_code == 200
