@@ -168,7 +168,7 @@ async def create_response(srv: Serving, req: ResponsesRequest):
     srv.check_model(req.model)
     _check(req)
     params = _params(srv, req)
-    text, ids = render(srv, _conversation(req), True, False, False)
+    text, ids = await render(srv, _conversation(req), True, False, False)
     srv.check_prompt(ids, params, "input", "max_output_tokens")
     sub = srv.submit("resp", [(text, ids)], params, req.stream, None)
     shape = _Shape(srv, req, params)
