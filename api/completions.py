@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tokenmill.api.errors import bad_request
 from tokenmill.api.fields import check_fields
 from tokenmill.api.protocol import CompletionRequest
-from tokenmill.api.serving import Serving, Submitted, event_stream, sse, usage
+from tokenmill.api.serving import MAX_PROMPTS, Serving, Submitted, event_stream, sse, usage
 from tokenmill.tokenizer import fim_prompt, fim_tokens
 
 
@@ -23,6 +23,8 @@ async def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | Non
         items = [p]
     else:
         items = list(p)
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"a prompt batch may hold at most {MAX_PROMPTS} prompts, got {len(items)}.", "prompt")
     if req.suffix:  # an empty suffix asks for nothing more than a plain completion
         return [_fill_in_the_middle(srv, req, item) for item in items]
     out = []

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 #: tokenized on the event loop directly (a millisecond or so, less than the hop to a thread).
 CPU_WORKERS = 2
 INLINE_CHARS = 16384
+#: Bounds on list-valued fields (OpenAI allows 4 stop sequences; we allow more, but not unbounded:
+#: every stop string is searched for in each new piece of output text).
+MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 64, 4096, 1024
+#: Most prompts in one completions batch (OpenAI's limit for array inputs).
+MAX_PROMPTS = 2048
 #: Most top logprobs a request may ask for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
 _SAMPLING_FIELDS = {
@@ -137,6 +142,12 @@ class Serving:
             if value is not None and value > self.max_n:
                 # One request forks this many sequences; OpenAI caps n at 128 too.
                 raise bad_request(f"{name} must be at most {self.max_n}, got {value}.", name)
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stop) > MAX_STOP or any(len(x) > MAX_STOP_CHARS for x in stop):
+            raise bad_request(f"stop may hold at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters.",
+                              "stop")
+        if req.stop_token_ids is not None and len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids.", "stop_token_ids")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         try:

@@ -131,3 +131,21 @@ def test_models_do_not_expose_the_path(server):
     assert [m["id"] for m in data] == [MODEL]
     assert all(m["root"] == m["id"] for m in data), data
     assert "/" not in json.dumps(data)
+
+
+LIST_BOUNDS = {
+    "stop count": ({"stop": ["s%d" % i for i in range(65)]}, "stop"),
+    "stop length": ({"stop": "x" * 4097}, "stop"),
+    "stop_token_ids count": ({"stop_token_ids": [1] * 1025}, "stop_token_ids"),
+    "prompt batch": ({"prompt": ["x"] * 2049}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIST_BOUNDS))
+def test_list_fields_are_bounded(server, case):
+    extra, param = LIST_BOUNDS[case]
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, **extra}
+    assert_error(post(server, "/v1/completions", body), 400, param)
+    ok = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1,
+                                          "stop": ["s%d" % i for i in range(64)], "stop_token_ids": [1] * 8})
+    assert ok.status_code == 200, ok.text
