@@ -21,17 +21,21 @@ class Executor:
     #: The rank-0 model runner (in this process).
     driver = None
 
+    def _all(self, method: str, *args):
+        """Call :class:`~tokenmill.executor.worker.Worker` ``method`` on every rank; returns rank 0's result."""
+        raise NotImplementedError
+
     def num_kv_blocks(self, max_needed: int) -> int:
         """KV blocks every rank can hold (each rank's budget, the smallest wins), at most ``max_needed``."""
-        raise NotImplementedError
+        return self._all("num_kv_blocks", max_needed)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` blocks on every rank (each rank holds its own KV heads)."""
-        raise NotImplementedError
+        self._all("allocate_kv_cache", num_blocks)
 
     def execute(self, plan):
         """Run one step on every rank; returns rank 0's ``RunnerOutput``. Raises :class:`RankDied`."""
-        raise NotImplementedError
+        return self._all("execute", plan)
 
     def check_health(self) -> None:
         """Raise :class:`RankDied` when a rank is gone (cheap; the engine calls it before each step)."""
@@ -49,11 +53,5 @@ class UniprocExecutor(Executor):
         self.worker = Worker(config, 0, 1, None, plugin_manager=plugin_manager)
         self.driver = self.worker.runner
 
-    def num_kv_blocks(self, max_needed: int) -> int:
-        return self.worker.num_kv_blocks(max_needed)
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.worker.allocate_kv_cache(num_blocks)
-
-    def execute(self, plan):
-        return self.driver.execute(plan)
+    def _all(self, method: str, *args):
+        return self.worker.call(method, *args)

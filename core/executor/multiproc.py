@@ -151,15 +151,6 @@ class MultiprocExecutor(Executor):
         self.remote.collect(self.timeout)
         return out
 
-    def num_kv_blocks(self, max_needed: int) -> int:
-        return self._all("num_kv_blocks", max_needed)
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._all("allocate_kv_cache", num_blocks)
-
-    def execute(self, plan):
-        return self._all("execute", plan)
-
     def shutdown(self) -> None:
         remote = getattr(self, "remote", None)
         if remote is not None and not remote.dead:

@@ -112,15 +112,6 @@ class RayExecutor(Executor):
         self._get(futures)
         return out
 
-    def num_kv_blocks(self, max_needed: int) -> int:
-        return self._all("num_kv_blocks", max_needed)
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._all("allocate_kv_cache", num_blocks)
-
-    def execute(self, plan):
-        return self._all("execute", plan)
-
     def shutdown(self) -> None:
         import ray
 
