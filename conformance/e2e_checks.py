@@ -59,21 +59,11 @@ def reference_tokens(arch: str, dtype_name: str) -> tuple:
 @functools.lru_cache(maxsize=None)
 def hf_tokens(arch: str) -> tuple:
     """Greedy tokens of HF transformers (float32, CPU) on the same prompts (cached per process)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from tokenmill.models.loader import load_config
-    from tokenmill.testing.tiny_models import make_tiny_model
+    from tokenmill.testing import hf_greedy, make_tiny_model
 
     path = make_tiny_model(arch)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    out = []
-    for p in _prompts(load_config(path).vocab_size):
-        with torch.inference_mode():
-            seq = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
-                              do_sample=False, pad_token_id=0)
-        out.append(tuple(seq[0, len(p):].tolist()))
-    return tuple(out)
+    return tuple(tuple(t) for t in hf_greedy(path, _prompts(load_config(path).vocab_size), MAX_NEW_TOKENS))
 
 
 def _describe_mismatch(got, want) -> str:

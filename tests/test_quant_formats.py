@@ -17,7 +17,7 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.quant.checkpoint import rewrite_checkpoint
 from tokenmill.quant.quantizer import quantize_checkpoint
-from tokenmill.testing.tiny_models import make_tiny_model
+from tokenmill.testing import hf_greedy, make_tiny_model
 
 AWQ_FIELD_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack order
 
@@ -144,7 +144,7 @@ TEXTS = ["def fibonacci(n):\n    return", "The quick brown fox", "import os\nimp
 
 @pytest.mark.parametrize("fmt,arch,mode", CASES)
 def test_greedy_matches_hf_on_dequantized(tmp_path, fmt, arch, mode):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kwargs, unpack = FORMATS[fmt]
     kwargs = dict(kwargs)
@@ -153,13 +153,7 @@ def test_greedy_matches_hf_on_dequantized(tmp_path, fmt, arch, mode):
     dq = dequantize_documented(q, tmp_path / "dq", unpack)
     tok = AutoTokenizer.from_pretrained(str(src))
     prompts = [tok.encode(t) for t in TEXTS]
-    hf = AutoModelForCausalLM.from_pretrained(str(dq), dtype=torch.float32).eval()
-    want = []
-    for p in prompts:
-        with torch.inference_mode():
-            seq = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              do_sample=False, pad_token_id=3)
-        want.append(seq[0, len(p):].tolist())
+    want = hf_greedy(dq, prompts, NEW_TOKENS)
     llm = LLM(model=str(q), dtype="float32", **MODES[mode])
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]

@@ -20,7 +20,7 @@ from tokenmill.quant.checkpoint import is_quantizable, rewrite_checkpoint
 from tokenmill.quant.int8 import Int8Method, dequantize_int8, quantize_int8_per_channel
 from tokenmill.quant.params import add_param
 from tokenmill.quant.registry import checkpoint_quantization, implementation_table, resolve_quantization
-from tokenmill.testing.tiny_models import make_tiny_model
+from tokenmill.testing import hf_greedy, make_tiny_model
 
 CPU = SimpleNamespace(name="cpu")
 ACCEL = SimpleNamespace(name="accel")
@@ -154,19 +154,6 @@ def _int8_dequantized(name, tensor):
     return {name: dequantize_int8(q, s, tensor.dtype)}
 
 
-def _hf_greedy(path, prompts):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    out = []
-    for p in prompts:
-        with torch.inference_mode():
-            seq = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              do_sample=False, pad_token_id=3)
-        out.append(seq[0, len(p):].tolist())
-    return out
-
-
 def _ours(path, prompts, **engine):
     llm = LLM(model=str(path), dtype="float32", **engine)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -188,7 +175,7 @@ def test_int8_weight_only_matches_hf_on_dequantized_weights(tmp_path, arch, mode
     prompts = [tok.encode(t) for t in TEXTS]
     dq = rewrite_checkpoint(src, tmp_path / "dq", _int8_dequantized)
     llm, ours = _ours(src, prompts, quantization="int8", **MODES[mode])
-    assert ours == _hf_greedy(dq, prompts)
+    assert ours == hf_greedy(dq, prompts, NEW_TOKENS)
     layer = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(layer.method, Int8Method) and layer.qweight.dtype == torch.int8
     assert not hasattr(layer, "weight") or layer.weight is None

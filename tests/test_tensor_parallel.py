@@ -17,7 +17,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.executor import RankDied
-from tokenmill.testing import ARCHS, make_tiny_model
+from tokenmill.testing import ARCHS, hf_greedy, make_tiny_model
 
 NEW_TOKENS = 16
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -26,19 +26,6 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 def _prompts():
     gen = torch.Generator().manual_seed(99)
     return [[1] + torch.randint(4, 512, (n - 1,), generator=gen).tolist() for n in (6, 23, 41)]
-
-
-def _hf_greedy(path, prompts):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    out = []
-    for p in prompts:
-        with torch.inference_mode():
-            seq = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              do_sample=False, eos_token_id=None, pad_token_id=3)
-        out.append(seq[0, len(p):].tolist())
-    return out
 
 
 def _tokens(llm, prompts, params=GREEDY):
@@ -53,7 +40,7 @@ def test_tp2_greedy_equals_hf(arch):
     try:
         assert llm.engine.executor.procs, "TP=2 must run a second rank in a worker process"
         assert llm.engine.runner.spec.num_heads == 2  # 4 query heads split over 2 ranks
-        assert _tokens(llm, prompts) == _hf_greedy(path, prompts)
+        assert _tokens(llm, prompts) == hf_greedy(path, prompts, NEW_TOKENS)
     finally:
         llm.engine.shutdown()
 
