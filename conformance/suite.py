@@ -12,6 +12,7 @@ from tokenmill.conformance.attention_checks import attention_checks
 from tokenmill.conformance.e2e_checks import e2e_checks
 from tokenmill.conformance.kernel_checks import kernel_checks
 from tokenmill.conformance.platform_checks import platform_checks
+from tokenmill.conformance.quant_checks import quant_checks
 from tokenmill.conformance.results import Check, Report, Result, Skip
 from tokenmill.conformance.target import INTERPRETER_DTYPES, Target, describe_target, load_target
 
@@ -56,7 +57,7 @@ def _device(target: Target, platform, name: str):
 
 def _uses_triton(target: Target) -> bool:
     mods = [getattr(k.fn, "__module__", "") or "" for k in target.kernels]
-    mods += [getattr(b, "__module__", "") or "" for b in target.backends]
+    mods += [getattr(b, "__module__", "") or "" for b in (*target.backends, *target.quant_methods)]
     return any("triton" in m for m in mods)
 
 
@@ -85,6 +86,7 @@ def build_checks(target: Target, grid: str | None = None) -> list[Check]:
                               f"run the suite on the device" for d in declared if d not in INTERPRETER_DTYPES}
         checks += kernel_checks(target, name, device, device_skip, dtypes, dtype_skips)
         checks += attention_checks(target, name, device, device_skip, dtypes, dtype_skips, size)
+        checks += quant_checks(target, platform, name, device, device_skip, dtypes, dtype_skips)
         checks += e2e_checks(target, platform, name, device, device_skip, dtypes)
     seen: dict[str, int] = {}
     for check in checks:

@@ -49,7 +49,8 @@ def enable_interpreter() -> str | None:
 
 @dataclass
 class Target:
-    """A loaded plugin and its registrations (``kernels``: KernelImpl; ``backends``: classes)."""
+    """A loaded plugin and its registrations (``kernels``: KernelImpl; ``backends`` and
+    ``quant_methods``: classes)."""
 
     name: str
     pm: PluginManager
@@ -60,6 +61,7 @@ class Target:
     platforms: list = field(default_factory=list)
     backends: list = field(default_factory=list)
     kernels: list = field(default_factory=list)
+    quant_methods: list = field(default_factory=list)
     hook_errors: list[str] = field(default_factory=list)
     interpret: bool = False
     interpret_error: str | None = None
@@ -68,6 +70,7 @@ class Target:
         """Its own platforms, then any other platform its kernels or backends serve."""
         names = [p.name for p in self.platforms]
         served = [k.device_type for k in self.kernels] + [t for b in self.backends for t in b.device_types]
+        served += [t for q in self.quant_methods for t in q.device_types]
         for name in served:
             if name != "*" and name not in names:
                 names.append(name)
@@ -88,6 +91,9 @@ class Target:
 
     def backends_for(self, platform_name: str) -> list:
         return [b for b in self.backends if platform_name in b.device_types or "*" in b.device_types]
+
+    def quant_methods_for(self, platform_name: str) -> list:
+        return [q for q in self.quant_methods if platform_name in q.device_types or "*" in q.device_types]
 
 
 def _call_hook(module, hook: str, errors: list[str]) -> list:
@@ -151,6 +157,7 @@ def load_target(plugin: str, interpret: bool = False) -> Target:
             p.plugin_name, p.plugin_version = plugin, version
         target.backends = _call_hook(module, "tokenmill_attention_backends", target.hook_errors)
         target.kernels = _call_hook(module, "tokenmill_kernels", target.hook_errors)
+        target.quant_methods = _call_hook(module, "tokenmill_quantization_methods", target.hook_errors)
     return target
 
 
@@ -165,6 +172,9 @@ def describe_target(target: Target) -> dict:
         or "none (the reference serves)",
         "kernels": ", ".join(sorted({f"{k.op}@{k.device_type}" for k in target.kernels}))
         or "none (the reference ops serve)",
+        "quantization methods": ", ".join(
+            f"{q.__name__} {sorted(set(q.checkpoint_formats) | set(q.online_modes))} {list(q.device_types)} "
+            f"priority {q.priority}" for q in target.quant_methods) or "none (the core's reference serves)",
         "mode": "Triton interpreter on CPU tensors" if target.interpret else "on the platform's device",
     }
     for platform in target.platforms:

@@ -21,6 +21,22 @@ ATTENTION_TOLERANCES = {
 }
 
 
+#: Quantized matmuls: the largest ``|out - reference|`` allowed, relative to the largest
+#: ``|reference|``, per format and dtype. The reference runs in float32 on the same
+#: (dtype-rounded) inputs and the same stored weights, so weight-only formats differ only
+#: by accumulation order and output rounding; an implementation that quantizes
+#: activations where the reference does not (FP8 ``_scaled_mm``) gets FP8's 3-bit mantissa.
+QUANT_TOLERANCES = {
+    "default": {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2},
+    "fp8": {"float32": 8e-2, "float16": 8e-2, "bfloat16": 8e-2},
+}
+
+
+def quant_tolerance(fmt: str, dtype: str) -> float:
+    table = QUANT_TOLERANCES.get(fmt, QUANT_TOLERANCES["default"])
+    return table.get(dtype, table["bfloat16"])
+
+
 def kernel_tolerance(dtype: str) -> tuple[float, float]:
     return KERNEL_TOLERANCES.get(dtype, KERNEL_TOLERANCES["bfloat16"])
 

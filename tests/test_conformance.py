@@ -46,6 +46,11 @@ def test_cpu_plugin_passes_the_whole_suite(cpu_report):
                   "platform/cpu/kv_pool", "platform/cpu/memory_info", "refusal/cpu/cpu/num_heads-not-a-multiple-of-num_kv_heads"):
         assert results[check].status == PASS, results[check].detail
     assert "attention cpu" in results["e2e/cpu/llama"].detail
+    # every quantized matmul the cpu plugin registers, in every dtype, with its measured error
+    for mode in ("int8", "w8a8"):
+        for dtype in ("float32", "float16", "bfloat16"):
+            r = results[f"quant/cpu/CpuInt8Method/{mode}/{dtype}"]
+            assert r.status == PASS and "worst relative error" in r.detail, r.detail
 
 
 def test_offbyone_plugin_fails(offbyone_report):
@@ -58,6 +63,10 @@ def test_offbyone_plugin_fails(offbyone_report):
     assert prefill.status == FAIL and "attention output" in prefill.detail
     assert results["attention/offbyone/offbyone/float32/slot-minus-one"].status == FAIL
     assert results["e2e/offbyone/qwen3"].status == FAIL  # head size 64: its backend serves, tokens diverge
+    gptq = results["quant/offbyone/OffByOneGPTQ/gptq/float32"]
+    assert gptq.status == FAIL and "relative error" in gptq.detail and "exceeds the gptq tolerance" in gptq.detail
+    awq = results["quant/offbyone/OffByOneAWQ/awq/float32"]
+    assert awq.status == PASS and "6 cases" in awq.detail  # plain, fused and experts, 1 and 7 tokens
     # What it declares, it declares honestly: the refusal checks pass.
     refusals = [r for cid, r in results.items() if cid.startswith("refusal/")]
     assert refusals and all(r.status == PASS for r in refusals)

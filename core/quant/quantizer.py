@@ -94,6 +94,21 @@ def fp8_quantize(w: torch.Tensor) -> dict:
     return {"weight": (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), "weight_scale": scale.reshape(())}
 
 
+def checkpoint_config(fmt: str, bits: int = 4, group_size: int = 128, desc_act: bool = False,
+                      sym: bool = True) -> dict:
+    """The ``quantization_config`` the owning tool writes into ``config.json`` for these parameters."""
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+                "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "lm_head": False,
+                "checkpoint_format": "gptq", "quantizer": ["tokenmill (round-to-nearest)"]}
+    if fmt == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": None}
+    if fmt == "fp8":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+
+
 def quantize_checkpoint(src, dst, fmt: str, bits: int = 4, group_size: int = 128, desc_act: bool = False,
                         sym: bool = True) -> Path:
     """Write ``dst``: the checkpoint ``src`` with its linear weights quantized to ``fmt``."""
@@ -120,15 +135,7 @@ def quantize_checkpoint(src, dst, fmt: str, bits: int = 4, group_size: int = 128
             parts = fp8_quantize(tensor)
         return {f"{base}.{k}": v for k, v in parts.items()}
 
-    if fmt == "gptq":
-        qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-                "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "lm_head": False,
-                "checkpoint_format": "gptq", "quantizer": ["tokenmill (round-to-nearest)"]}
-    elif fmt == "awq":
-        qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-                "modules_to_not_convert": None}
-    else:
-        qcfg = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    qcfg = checkpoint_config(fmt, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
     out = rewrite_checkpoint(src, dst, convert, config_update={"quantization_config": qcfg})
     if fmt == "gptq":  # AutoGPTQ also writes its own config file next to the weights
         (out / "quantize_config.json").write_text(

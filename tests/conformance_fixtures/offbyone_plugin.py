@@ -4,7 +4,8 @@ Platform ``offbyone`` computes on the host. Its attention backend is a plain, re
 paged attention with one classic bug: the causal mask uses ``key <= query + 1``, so
 every prefill token also sees the next token's key. Decode-only batches hide the bug
 (there is no next token), prefill, mixed and chunked batches expose it. Its
-``rms_norm`` divides by ``hidden - 1``: an off-by-one in the mean.
+``rms_norm`` divides by ``hidden - 1``: an off-by-one in the mean. Its GPTQ matmul reads the
+stored zero points without the format's offset of one; its AWQ is the core's own (correct).
 """
 from __future__ import annotations
 
@@ -85,3 +86,26 @@ def tokenmill_kernels():
     from tokenmill.ops.registry import KernelImpl
 
     return [KernelImpl("rms_norm", "offbyone", rms_norm, provider="offbyone")]
+
+
+@hookimpl
+def tokenmill_quantization_methods():
+    """GPTQ that forgets the format's zero-point offset (the bug), and the core's own AWQ (correct)."""
+    from tokenmill.quant.awq import AWQMethod
+    from tokenmill.quant.gptq import GPTQMethod, gptq_dequantize
+    from tokenmill.quant.params import expert_view
+
+    class OffByOneGPTQ(GPTQMethod):
+        device_types = ("offbyone",)
+        priority = 5
+
+        def dequantized(self, layer, expert, dtype):
+            return gptq_dequantize(expert_view(layer.qweight, expert), expert_view(layer.qzeros, expert),
+                                   expert_view(layer.scales, expert), expert_view(layer.g_idx, expert),
+                                   self.bits, 0, dtype)  # the bug: gptq stores zero - 1
+
+    class OffByOneAWQ(AWQMethod):
+        device_types = ("offbyone",)
+        priority = 5
+
+    return [OffByOneGPTQ, OffByOneAWQ]
