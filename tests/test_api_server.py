@@ -411,6 +411,8 @@ def test_metrics(server, client):
     prompt = "the quick brown fox jumps over the lazy dog " * 4  # > one 16-token block: a prefix-cache hit
     for _ in range(2):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    bad = httpx.post(server.base_url + "/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1})
+    assert bad.status_code == 400  # counted below, so this test does not rely on the error tests running first
     m = metrics(server.url)
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total"):
         assert f"tokenmill:{name}" in m
@@ -418,7 +420,7 @@ def test_metrics(server, client):
     assert m["tokenmill:prompt_tokens_total"] > 0 and m["tokenmill:generation_tokens_total"] > 0
     for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
         assert m[f"tokenmill:{h}_count"] > 0
-    assert m["tokenmill:request_errors_total"] > 0  # the error tests ran first
+    assert m["tokenmill:request_errors_total"] > 0
 
 
 def test_bench_serve(server, tmp_path):
@@ -433,3 +435,33 @@ def test_bench_serve(server, tmp_path):
     assert [r["concurrency"] for r in results] == [1, 4]
     assert all(r["failed"] == 0 and r["output_tokens"] == 8 * 6 for r in results)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_serve_side_by_side(server, model_dir, tmp_path):
+    """--against-vllm URL: a launched tokenmill and a second OpenAI server take turns in one run.
+
+    The "peer" here is the module's tokenmill server (same checkpoint), so the greedy outputs must
+    agree and every ratio is computed from real measurements of both."""
+    png, out = tmp_path / "sbs.png", tmp_path / "sbs.json"
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "serve", "--launch", model_dir,
+                           "--against-vllm", server.url, "--concurrency", "1,2", "--num-requests", "4",
+                           "--max-tokens", "5", "--prompt-text", "hello there", "--plot", str(png),
+                           "--json-out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 2 | out tok/s |" in proc.stdout and "greedy output identical" in proc.stdout
+    runs = json.loads(out.read_text())
+    assert set(runs) == {"tokenmill", "vllm"} and all(len(r) == 1 for r in runs.values())
+    assert all(lvl["failed"] == 0 and lvl["output_tokens"] == 4 * 5 for eng in runs.values() for lvl in eng[0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_side_by_side_table_flags_different_outputs():
+    from tokenmill.bench.serve import side_by_side_table
+
+    def lvl(tok_s, digest):
+        return {"output_tok_s": tok_s, "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_mean_ms": 2.0,
+                "outputs": [digest]}
+    table, same = side_by_side_table({"tokenmill": [[lvl(300.0, "a")]], "vllm": [[lvl(200.0, "a")]]}, [8])
+    assert same and "| 8 | out tok/s | 300 | 200 | 1.50x |" in table
+    table, same = side_by_side_table({"tokenmill": [[lvl(300.0, "a")]], "vllm": [[lvl(200.0, "b")]]}, [8])
+    assert not same and "differ" in table

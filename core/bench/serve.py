@@ -7,6 +7,13 @@ request throughput, output tokens/s, time to first token and inter-token latency
 p50, p99). A PNG plot of latency against concurrency is written with matplotlib (Agg).
 ``--launch MODEL`` starts ``tokenmill serve`` for the run and stops it afterwards.
 Works against any server that speaks the OpenAI completions API (vLLM, SGLang, ...).
+
+``--against-vllm PYTHON|URL`` (with ``--launch MODEL``) runs the same levels against vLLM-CPU in
+the same run: its OpenAI server is started from that environment's interpreter on the same
+checkpoint (or the URL is used as is), the engines take turns (``--pairs N`` rounds, one
+server up at a time so they never share the cores), and the table gives each figure per round
+with the tokenmill/vLLM ratio; the plot draws both engines. The greedy text each engine
+returned at each level is compared, so a ratio is only quoted for the same work.
 """
 from __future__ import annotations
 
@@ -18,7 +25,10 @@ import shlex
 import subprocess
 import sys
 import time
+import hashlib
 from dataclasses import dataclass, field
+
+from tokenmill.bench import vllm_peer
 
 DEFAULT_PROMPT = (
     "The Python language reference describes the exact syntax and semantics of the language. "
@@ -46,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launch", default=None, metavar="MODEL",
                    help="start `tokenmill serve MODEL` on a free port for the run ('default' = bundled model)")
     p.add_argument("--launch-args", default="", help="extra flags for the launched server, as one string")
+    p.add_argument("--against-vllm", default=None, metavar="PYTHON|URL",
+                   help="also run vLLM-CPU (its server started with this interpreter on the --launch model, or "
+                        "already serving at this URL) in the same run and report tokenmill/vLLM ratios")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="with --against-vllm: rounds of tokenmill-then-vLLM (the servers take turns)")
+    p.add_argument("--dtype", default="float32", help="with --against-vllm: the dtype vLLM serves the model in")
 
 
 @dataclass
@@ -56,6 +72,7 @@ class RequestResult:
     output_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -76,6 +93,7 @@ async def _one(client, url: str, body: dict, timeout: float) -> RequestResult:
     first = last = None
     itl: list[float] = []
     chunks, usage_tokens = 0, None
+    pieces: list[str] = []
     try:
         async with client.stream("POST", url, json=body, timeout=timeout) as resp:
             if resp.status_code != 200:
@@ -95,6 +113,7 @@ async def _one(client, url: str, body: dict, timeout: float) -> RequestResult:
                 choices = obj.get("choices") or []
                 if not any(c.get("text") for c in choices):
                     continue
+                pieces.extend(c.get("text") or "" for c in choices)
                 now = time.perf_counter()
                 chunks += 1
                 if first is None:
@@ -107,7 +126,8 @@ async def _one(client, url: str, body: dict, timeout: float) -> RequestResult:
     end = time.perf_counter()
     if first is None:
         return RequestResult(False, error="no tokens received")
-    return RequestResult(True, first - t0, end - t0, usage_tokens if usage_tokens is not None else chunks, itl)
+    return RequestResult(True, first - t0, end - t0, usage_tokens if usage_tokens is not None else chunks, itl,
+                         text="".join(pieces))
 
 
 async def _level(base: str, headers: dict, body: dict, concurrency: int, num_requests: int, timeout: float) -> dict:
@@ -139,6 +159,8 @@ async def _level(base: str, headers: dict, body: dict, concurrency: int, num_req
         "output_tok_s": out_tokens / duration,
         "ttft_mean_ms": 1e3 * _mean(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
         "itl_mean_ms": 1e3 * _mean(itl), "itl_p50_ms": 1e3 * _pct(itl, 0.5), "itl_p99_ms": 1e3 * _pct(itl, 0.99),
+        # every request sends the same greedy prompt, so one digest stands for the level's output
+        "outputs": sorted({hashlib.sha1(r.text.encode()).hexdigest()[:12] for r in good}),
     }
 
 
@@ -210,52 +232,75 @@ def _launch(args) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the launched server did not become healthy within 600 s")
 
 
-def run(args) -> int:
-    import httpx
-
-    try:
-        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
-    if not levels or min(levels) < 1 or args.num_requests < 1:
-        raise ValueError("--concurrency levels and --num-requests must be positive")
+def _prompt(args) -> str:
     prompt = args.prompt_text or DEFAULT_PROMPT
     if args.workload:
         with open(args.workload) as f:
             prompt = json.load(f).get("serve_text") or ""
         if not prompt:
             raise ValueError(f"workload {args.workload} has no serve_text")
+    return prompt
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(2)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _measure(base: str, headers: dict, model: str | None, prompt: str, levels: list[int], args) -> tuple[str, list]:
+    """Every concurrency level against one server; returns the model name asked for and one dict per level."""
+    import httpx
+
+    if model is None:
+        resp = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+        resp.raise_for_status()
+        model = resp.json()["data"][0]["id"]
+    body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    results = []
+    for c in levels:
+        print(f"concurrency {c}: {args.num_requests} requests ...", file=sys.stderr, flush=True)
+        r = asyncio.run(_level(base, headers, body, c, args.num_requests, args.timeout))
+        results.append(r)
+        print(f"  {r['output_tok_s']:,.1f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms, "
+              f"ITL mean {r['itl_mean_ms']:.2f} ms, {r['failed']} failed {r['errors'] or ''}",
+              file=sys.stderr, flush=True)
+    return model, results
+
+
+def _headers(args) -> dict:
+    key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def run(args) -> int:
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1 or args.num_requests < 1:
+        raise ValueError("--concurrency levels and --num-requests must be positive")
+    if not 1 <= args.pairs <= 20:
+        raise ValueError(f"--pairs must be in [1, 20], got {args.pairs}")
+    if args.against_vllm:
+        return _run_side_by_side(args, levels)
+    prompt = _prompt(args)
     proc = None
     base = args.base_url.rstrip("/").removesuffix("/v1")
     if args.launch:
         proc, base = _launch(args)
     try:
-        key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        model = args.model
-        if model is None:
-            resp = httpx.get(base + "/v1/models", headers=headers, timeout=30)
-            resp.raise_for_status()
-            model = resp.json()["data"][0]["id"]
-        body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        if args.ignore_eos:
-            body["ignore_eos"] = True
-        results = []
-        for c in levels:
-            print(f"concurrency {c}: {args.num_requests} requests ...", file=sys.stderr, flush=True)
-            r = asyncio.run(_level(base, headers, body, c, args.num_requests, args.timeout))
-            results.append(r)
-            print(f"  {r['output_tok_s']:,.1f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms, "
-                  f"ITL mean {r['itl_mean_ms']:.2f} ms, {r['failed']} failed {r['errors'] or ''}",
-                  file=sys.stderr, flush=True)
+        model, results = _measure(base, _headers(args), args.model, prompt, levels, args)
     finally:
-        if proc is not None:
-            proc.send_signal(2)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(proc)
     print(f"\nserver {base}, model {model}, {args.num_requests} streaming requests per level, "
           f"max_tokens {args.max_tokens}")
     print(format_table(results))
@@ -266,3 +311,95 @@ def run(args) -> int:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
     return 1 if any(r["failed"] for r in results) else 0
+
+
+def _vllm_model_path(args) -> str:
+    if args.launch == "default":
+        from tokenmill.default_model import DEFAULT_MODEL_DIR
+
+        return str(DEFAULT_MODEL_DIR)
+    return os.path.abspath(args.launch)
+
+
+def _run_side_by_side(args, levels: list[int]) -> int:
+    """tokenmill and vLLM in turns, ``--pairs`` rounds, then one table of per-round figures and ratios."""
+    if not args.launch:
+        raise ValueError("--against-vllm needs --launch MODEL: both engines serve the same checkpoint")
+    prompt = _prompt(args)
+    headers = _headers(args)
+    runs: dict[str, list[list[dict]]] = {"tokenmill": [], "vllm": []}
+    for k in range(args.pairs):
+        print(f"round {k + 1}/{args.pairs}: tokenmill", file=sys.stderr, flush=True)
+        proc, base = _launch(args)
+        try:
+            _, res = _measure(base, headers, None, prompt, levels, args)
+        finally:
+            _stop(proc)
+        runs["tokenmill"].append(res)
+        print(f"round {k + 1}/{args.pairs}: vLLM", file=sys.stderr, flush=True)
+        with vllm_peer.vllm_server(args.against_vllm, _vllm_model_path(args), args.dtype) as vbase:
+            _, res = _measure(vbase, headers, vllm_peer.served_model_name(vbase), prompt, levels, args)
+        runs["vllm"].append(res)
+    table, same = side_by_side_table(runs, levels)
+    print(f"\n{args.num_requests} streaming requests per level, max_tokens {args.max_tokens}, "
+          f"{args.pairs} round(s), servers in turns")
+    print(table)
+    if args.plot:
+        plot_side_by_side(runs, levels, args.plot, f"{os.path.basename(_vllm_model_path(args))}: tokenmill vs vLLM")
+        print(f"plot: {args.plot}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(runs, f, indent=2)
+    failed = any(r["failed"] for eng in runs.values() for rnd in eng for r in rnd)
+    return 1 if failed or not same else 0
+
+
+def _mean_of(rounds: list[list[dict]], i: int, key: str) -> float:
+    return _mean([rnd[i][key] for rnd in rounds])
+
+
+def side_by_side_table(runs: dict[str, list[list[dict]]], levels: list[int]) -> tuple[str, bool]:
+    """A markdown table: per level and metric, each round's figure for both engines and the mean ratio.
+
+    Returns the table and whether both engines produced the same greedy text at every level."""
+    metrics = [("output_tok_s", "out tok/s", "{:,.0f}"), ("ttft_p50_ms", "TTFT p50 ms", "{:,.0f}"),
+               ("ttft_p99_ms", "TTFT p99 ms", "{:,.0f}"), ("itl_mean_ms", "ITL mean ms", "{:.1f}")]
+    lines = ["| conc | metric | tokenmill | vLLM | ratio |", "|---|---|---|---|---|"]
+    same = True
+    for i, c in enumerate(levels):
+        for key, label, fmt in metrics:
+            cells = [" / ".join(fmt.format(rnd[i][key]) for rnd in runs[eng]) for eng in ("tokenmill", "vllm")]
+            ratio = _mean_of(runs["tokenmill"], i, key) / _mean_of(runs["vllm"], i, key)
+            lines.append(f"| {c} | {label} | {cells[0]} | {cells[1]} | {ratio:.2f}x |")
+        outs = {eng: {d for rnd in runs[eng] for d in rnd[i]["outputs"]} for eng in runs}
+        if outs["tokenmill"] != outs["vllm"]:
+            same = False
+    verdict = ("greedy output identical between the engines at every level" if same else
+               "WARNING: greedy outputs differ between the engines; the ratios compare different work")
+    return "\n".join(lines) + "\n" + verdict, same
+
+
+def plot_side_by_side(runs: dict[str, list[list[dict]]], levels: list[int], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = ((axes[0], ("output_tok_s",), "output tokens/s"), (axes[1], ("ttft_p50_ms", "ttft_p99_ms"), "TTFT (ms)"),
+              (axes[2], ("itl_mean_ms",), "inter-token latency, mean (ms)"))
+    for eng, color in (("tokenmill", "tab:blue"), ("vllm", "tab:orange")):
+        for ax, keys, label in panels:
+            for key, style in zip(keys, ("o-", "^:")):
+                ax.plot(levels, [_mean_of(runs[eng], i, key) for i in range(len(levels))], style, color=color,
+                        label=f"{eng} {key.split('_')[1] if len(keys) > 1 else ''}".strip())
+            ax.set_ylabel(label)
+    for ax in axes:
+        ax.set_xlabel("concurrency")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -123,7 +123,7 @@ def vllm_server(target: str, model: str, dtype: str, timeout: float = 300, log_p
         return
     port = _free_port()
     cmd = [target, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", dtype,
-           "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests"]
+           "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
     log = open(log_path or os.devnull, "w")
     proc = subprocess.Popen(cmd, env=vllm_env(target), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
