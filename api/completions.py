@@ -26,14 +26,10 @@ async def _prompts(srv: Serving, req: CompletionRequest) -> list[tuple[str | Non
     if len(items) > MAX_PROMPTS:
         raise bad_request(f"a prompt batch may hold at most {MAX_PROMPTS} prompts, got {len(items)}.", "prompt")
     if req.suffix:  # an empty suffix asks for nothing more than a plain completion
-        return [_fill_in_the_middle(srv, req, item) for item in items]
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            out.append((item, await srv.encode(item, req.add_special_tokens, "prompt")))
-        else:
-            out.append((None, list(item)))
-    return out
+        return await srv.off_loop(lambda: [_fill_in_the_middle(srv, req, item) for item in items])
+    texts = [item for item in items if isinstance(item, str)]
+    encoded = iter(await srv.encode_many(texts, req.add_special_tokens, "prompt"))
+    return [(item, next(encoded)) if isinstance(item, str) else (None, list(item)) for item in items]
 
 
 def _fill_in_the_middle(srv: Serving, req: CompletionRequest, item) -> tuple[str | None, list[int]]:

@@ -98,6 +98,8 @@ class Serving:
         #: Rendered chat prompts longer than this are refused: a template must not turn a small
         #: request into a bigger prompt than the client could have sent itself (--max-body-bytes).
         self.max_prompt_chars = max_prompt_chars
+        #: Seconds any chat template may render (--chat-template-timeout).
+        self.chat_template_timeout = chat_template_timeout
         # Tokenization and template rendering of big inputs run here, not on the event loop.
         self.cpu = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="tokenmill-cpu")
         self.sandbox = TemplateSandbox(getattr(tokenizer, "special_tokens_map", {}), chat_template_timeout,
@@ -191,14 +193,26 @@ class Serving:
     # -- off-loop CPU work ----------------------------------------------------------------------
     async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         """Token ids of ``text``; a prompt longer than the context is a 400 (counted, not listed)."""
-        if len(text) <= INLINE_CHARS:
-            ids = encode_bounded(self.tokenizer, text, add_special_tokens, self.max_model_len)
+        return (await self.encode_many([text], add_special_tokens, param))[0]
+
+    async def encode_many(self, texts: list[str], add_special_tokens: bool, param: str) -> list[list[int]]:
+        """Token ids of each text (a batch of prompts or inputs), in one hop to a worker thread
+        unless they are short together; any text longer than the context is a 400."""
+        def run():
+            return [encode_bounded(self.tokenizer, t, add_special_tokens, self.max_model_len) for t in texts]
+
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            results = run()
         else:
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self.cpu, encode_bounded, self.tokenizer, text, add_special_tokens, self.max_model_len)
-        if isinstance(ids, int):
-            raise self._too_long(ids, param)
-        return ids
+            results = await asyncio.get_running_loop().run_in_executor(self.cpu, run)
+        for ids in results:
+            if isinstance(ids, int):
+                raise self._too_long(ids, param)
+        return results
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on a CPU worker thread (what may take long: tokenizing, decoding)."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
     async def decode(self, ids: list[int]) -> str:
         if len(ids) <= INLINE_CHARS // 4:
@@ -211,7 +225,8 @@ class Serving:
 
         The model's own template (trusted, from the operator) renders in a worker thread; a
         request's ``chat_template`` only when the server trusts them, in the sandbox's worker
-        processes under a deadline. Either way the text may not exceed ``max_prompt_chars``.
+        processes under a deadline. The model's template stops itself at the same deadline
+        (``tokenmill.template_budget``). Either way the text may not exceed ``max_prompt_chars``.
         """
         if chat_template is not None:
             if self.sandbox is None:
@@ -225,15 +240,13 @@ class Serving:
             except TemplateError as exc:
                 raise bad_request(str(exc), "chat_template") from None
         try:
-            text = await asyncio.get_running_loop().run_in_executor(
+            return await asyncio.get_running_loop().run_in_executor(
                 self.cpu, lambda: render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                                              continue_final_message=continue_final_message, **(kwargs or {})))
+                                              continue_final_message=continue_final_message,
+                                              timeout=self.chat_template_timeout, max_chars=self.max_prompt_chars,
+                                              **(kwargs or {})))
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
-        if len(text) > self.max_prompt_chars:
-            raise bad_request(f"the chat template rendered {len(text)} characters, more than the limit of "
-                              f"{self.max_prompt_chars}.", "messages")
-        return text
 
     def close(self) -> None:
         self.cpu.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,8 @@
 """Tokenizer loading and chat-template rendering (HF tokenizers, sandboxed jinja)."""
 from __future__ import annotations
 
+import contextlib
+
 
 def load_tokenizer(path: str):
     """Load a local HF tokenizer (fast) from ``path``."""
@@ -10,20 +12,31 @@ def load_tokenizer(path: str):
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                continue_final_message: bool = False, chat_template: str | None = None, **kwargs) -> str:
+                continue_final_message: bool = False, chat_template: str | None = None,
+                timeout: float | None = None, max_chars: int | None = None, **kwargs) -> str:
     """Render ``messages`` with the tokenizer's chat template (HF renders it in a sandboxed jinja env).
 
-    Raises ValueError when the tokenizer has no template and none is given.
+    With ``timeout`` (seconds) and ``max_chars``, the render stops at the deadline or past the
+    cap with :class:`tokenmill.template_budget.TemplateBudgetExceeded` (a ValueError). Raises
+    ValueError when the tokenizer has no template and none is given.
     """
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("this model's tokenizer has no chat template; pass chat_template or use completions")
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+    bounded = contextlib.nullcontext()
+    if timeout is not None or max_chars is not None:
+        from tokenmill.template_budget import budget
+
+        bounded = budget(tokenizer.get_chat_template(template, kwargs.get("tools")),
+                         timeout if timeout is not None else float("inf"),
+                         max_chars if max_chars is not None else 1 << 62)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message,
-                                             chat_template=template, **kwargs)
+        with bounded:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message,
+                                                 chat_template=template, **kwargs)
     except ValueError:
         raise
     except Exception as exc:  # jinja errors: the template or the messages are wrong

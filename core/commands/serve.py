@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="honour a chat_template sent in a request (rendered in a sandboxed worker process under "
                         "--chat-template-timeout); off: such a request is a 400")
     p.add_argument("--chat-template-timeout", type=float, default=5.0,
-                   help="seconds a request's chat template may render before it is stopped (default 5)")
+                   help="seconds a chat template may render before it is stopped (default 5): a request's own "
+                        "template, and the model's, which stops itself at the deadline")
     p.add_argument("--startup-timeout", type=float, default=None,
                    help="seconds to wait for the engine to load (default: no limit)")
     p.add_argument("--store", default=None, metavar="PATH",

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import MODEL, assert_error, complete, kv_blocks_in_use, reliability_server, wait_for
+from conftest import MODEL, assert_error, complete, kv_blocks_in_use, metrics, started_together, wait_for
 
 LONG = {"model": MODEL, "prompt": "def main(", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
 
@@ -42,13 +41,21 @@ def _stream_after_first_chunk(url: str, action):
 
 
 @pytest.fixture(scope="module")
-def restartable():
-    with reliability_server("--engine-restarts", "1", "--kv-cache-memory", "2MiB") as s:
-        yield s
+def servers():
+    """Both servers of this module, started together; each test ends its own server's life."""
+    with started_together(restartable=["--engine-restarts", "1", "--kv-cache-memory", "2MiB"],
+                          hangable=["--engine-stall-timeout", "3", "--request-timeout", "4", "--shutdown-timeout", "2",
+                                    "--kv-cache-memory", "2MiB"]) as started:
+        yield started
 
 
-def test_kill_9_fails_in_flight_with_503_then_the_engine_restarts(restartable):
-    url, seen = restartable.url, []
+def _running(url: str) -> float:
+    return metrics(url)["tokenmill:num_requests_running"]
+
+
+def test_kill_9_fails_in_flight_with_503_restarts_then_past_the_limit_exits_1(servers):
+    server = servers["restartable"]
+    url, seen = server.url, []
 
     def watch():  # /health from the kill on, until it is back to 200 after a 503
         for _ in range(1500):
@@ -58,34 +65,43 @@ def test_kill_9_fails_in_flight_with_503_then_the_engine_restarts(restartable):
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
-    rest = _stream_after_first_chunk(url, lambda: (os.kill(restartable.core_pid(), signal.SIGKILL), watcher.start()))
+    # A non-streaming request in flight alongside the stream: it fails with a 503 too.
+    plain = {}
+    background = threading.Thread(target=lambda: plain.setdefault(
+        "r", httpx.post(url + "/v1/completions", json=LONG, timeout=60)), daemon=True)
+
+    def kill():
+        background.start()
+        wait_for(lambda: _running(url) >= 2, timeout=30, interval=0.05)  # both requests are running
+        os.kill(server.core_pid(), signal.SIGKILL)
+        watcher.start()
+
+    rest = _stream_after_first_chunk(url, kill)
     assert rest[-1] == "data: [DONE]"
     err = json.loads(rest[-2].removeprefix("data: "))["error"]
     assert err["code"] == "engine_dead" and "not running" in err["message"]
+    background.join(60)
+    assert_error(plain["r"], 503)
+    assert plain["r"].json()["error"]["code"] == "engine_dead" and plain["r"].headers["retry-after"]
+    # Asked while the core restarts (it takes seconds to load): a 503 too, not a hang or a 500.
+    during = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 2}, timeout=60)
+    assert_error(during, 503)
+    assert "restarting" in during.json()["error"]["message"]
     wait_for(lambda: _health(url) == 200, timeout=90, interval=0.2)
     watcher.join(10)
     assert 503 in seen  # unhealthy in between
     with httpx.Client(timeout=60) as client:
         r = complete(client, url, "import os", 4)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    assert "engine core restarted" in restartable.log()
+    assert "engine core restarted" in server.log()
+    os.kill(server.core_pid(), signal.SIGKILL)  # the second death: --engine-restarts 1 is spent
+    assert server.proc.wait(30) == 1
+    assert "was not restarted" in server.log()
 
 
-def test_request_during_restart_is_a_503_and_past_the_limit_the_server_exits_1(restartable):
-    os.kill(restartable.core_pid(), signal.SIGKILL)  # the second death: --engine-restarts 1 is spent
-    assert restartable.proc.wait(30) == 1
-    assert "was not restarted" in restartable.log()
-
-
-@pytest.fixture(scope="module")
-def hangable():
-    with reliability_server("--engine-stall-timeout", "3", "--request-timeout", "4", "--shutdown-timeout", "2",
-                            "--kv-cache-memory", "2MiB") as s:
-        yield s
-
-
-def test_sigstop_fails_health_and_times_requests_out(hangable):
-    url, pid = hangable.url, hangable.core_pid()
+def test_sigstop_fails_health_times_requests_out_and_sigterm_drain_is_bounded(servers):
+    server = servers["hangable"]
+    url, pid = server.url, server.core_pid()
     assert _health(url) == 200
     rest = []
     try:
@@ -107,25 +123,23 @@ def test_sigstop_fails_health_and_times_requests_out(hangable):
     with httpx.Client(timeout=60) as client:
         assert complete(client, url, "import os", 4).status_code == 200
 
-
-def test_sigterm_drain_is_bounded_by_the_shutdown_timeout(hangable):
-    pid = hangable.core_pid()
+    # SIGTERM while a request that can never finish is in flight: down within --shutdown-timeout.
     started = threading.Event()
 
     def hold():
         try:
-            _stream_after_first_chunk(hangable.url, started.set)
+            _stream_after_first_chunk(url, started.set)
         except httpx.HTTPError:
             pass
 
     client = threading.Thread(target=hold, daemon=True)
     client.start()
     assert started.wait(30)
-    os.kill(pid, signal.SIGSTOP)  # the request in flight can never finish now
+    os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        hangable.proc.send_signal(signal.SIGTERM)
-        hangable.proc.wait(30)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
         assert time.monotonic() - t0 < 20  # 2 s drain, then the core is stopped (killed if need be)
     finally:
         try:

@@ -1,6 +1,7 @@
 """One request must not freeze the API for everyone: tokenization and chat templates run off
-the event loop, and a request's own chat template (allowed here with
-``--trust-request-chat-template``) is bounded in time, output and memory."""
+the event loop, a request's own chat template (allowed here with
+``--trust-request-chat-template``) is bounded in time, output and memory, and the model's own
+template (here one whose cost grows with the square of a message's length) in time."""
 from __future__ import annotations
 
 import threading
@@ -8,25 +9,20 @@ import time
 
 import httpx
 import pytest
-from api_conftest import SMALL_ENGINE, assert_error, running_server
 
-from tokenmill.testing.tiny_models import make_tiny_model
+from conftest import TEMPLATE_TIMEOUT as TIMEOUT
+from conftest import TINY as MODEL
+from conftest import assert_error
 
-MODEL = "tiny"
-TIMEOUT = 3.0
-BODY_LIMIT = 11_000_000  # room for the 10 MB prompt; also the cap on a rendered template
 USER = [{"role": "user", "content": "hi"}]
 NESTED = ("{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x"
           "{% endfor %}{% endfor %}{% endfor %}")
 
 
-@pytest.fixture(scope="module")
-def server():
-    args = [str(make_tiny_model("llama")), *SMALL_ENGINE, "--served-model-name", MODEL,
-            "--trust-request-chat-template", "--chat-template-timeout", str(TIMEOUT),
-            "--max-body-bytes", str(BODY_LIMIT)]
-    with running_server(args) as s:
-        yield s
+@pytest.fixture
+def server(tiny_server):
+    """The shared tiny server: request templates trusted, the model's own template quadratic."""
+    return tiny_server
 
 
 def assert_responsive(lat: list[float]) -> None:
@@ -70,6 +66,16 @@ def test_health_answers_while_a_10mb_prompt_is_tokenized(server):
     assert_responsive(lat)
 
 
+def test_health_answers_while_a_10mb_embeddings_batch_is_tokenized(server):
+    batch = ["hello " * 2700] * 600  # 600 inputs of 16 kB: each short, together 10 MB
+    lat, resp = health_latencies_during(server, lambda: httpx.post(
+        server.base_url + "/embeddings", json={"model": MODEL, "input": batch}, timeout=120))
+    err = assert_error(resp, 400, "input")
+    assert err["code"] == "context_length_exceeded"
+    assert len(lat) >= 3, lat
+    assert_responsive(lat)
+
+
 def test_nested_loop_template_is_stopped_and_loop_stays_free(server):
     lat, resp = health_latencies_during(server, lambda: chat(server, chat_template=NESTED))
     err = assert_error(resp, 400, "chat_template")
@@ -80,6 +86,18 @@ def test_nested_loop_template_is_stopped_and_loop_stays_free(server):
     # The killed renderer was replaced: the next request's template renders.
     ok = chat(server, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert ok.status_code == 200, ok.text
+
+
+def test_the_models_own_template_stops_at_the_deadline(server):
+    long = [{"role": "user", "content": "x" * 100_000}]
+    t0 = time.monotonic()
+    lat, resp = health_latencies_during(server, lambda: chat(server, messages=long))
+    took = time.monotonic() - t0
+    err = assert_error(resp, 400, "messages")
+    assert f"within {TIMEOUT:g} s" in err["message"]
+    assert took < TIMEOUT + 10, took
+    assert_responsive(lat)
+    assert chat(server).status_code == 200  # the worker thread is free again
 
 
 def test_template_output_and_memory_are_bounded(server):

@@ -8,21 +8,15 @@ import json
 import httpx
 import pytest
 import schemathesis
-from api_conftest import running_server
 from hypothesis import HealthCheck, Phase, given, settings
-
-from tokenmill.testing.tiny_models import make_tiny_model
 
 EXAMPLES = 25
 FUZZED = r"^/(v1/completions|v1/chat/completions|tokenize|detokenize|v1/models)$"
 
 
-@pytest.fixture(scope="module")
-def server():
-    args = [str(make_tiny_model("llama")), "--device", "cpu", "--kv-cache-memory", "8MiB", "--max-model-len", "48",
-            "--max-n", "2", "--served-model-name", "tiny"]
-    with running_server(args) as s:
-        yield s
+@pytest.fixture
+def server(tiny_server):
+    return tiny_server
 
 
 def test_no_server_errors(server):

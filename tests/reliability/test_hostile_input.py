@@ -7,24 +7,18 @@ import json
 
 import httpx
 import pytest
-from api_conftest import SMALL_ENGINE, assert_error, running_server
 
-from tokenmill.testing.tiny_models import make_tiny_model
-
-MODEL = "tiny"
-BODY_LIMIT = 65536
-MAX_N = 8
+from conftest import TINY as MODEL
+from conftest import TINY_MAX_N as MAX_N
+from conftest import assert_error
 LONE = "\ud800abc"
 CHAT = {"model": MODEL, "max_tokens": 2}
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    args = [str(make_tiny_model("llama")), *SMALL_ENGINE, "--served-model-name", MODEL,
-            "--max-body-bytes", str(BODY_LIMIT), "--max-n", str(MAX_N)]
-    with running_server(args) as s:
-        yield s
+@pytest.fixture
+def server(tiny_server):
+    return tiny_server
 
 
 def post(server, path: str, body, **kw) -> httpx.Response:

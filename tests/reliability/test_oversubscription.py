@@ -13,7 +13,7 @@ import random
 import httpx
 import pytest
 
-from conftest import BASE_ARGS, MODEL, complete, kv_blocks_in_use, launch_server, stop_server, wait_for, wait_healthy
+from conftest import MODEL, complete, kv_blocks_in_use, started_together, wait_for
 
 KV = str(13 * 16 * 2048)  # 13 blocks: float32, 4 layers x 1 KV head x 64 x (K, V) = 2 KiB a token
 NUM_REQUESTS, MAX_TOKENS = 32, 24
@@ -31,16 +31,8 @@ PROMPTS = _prompts()
 @pytest.fixture(scope="module")
 def servers():
     """Two servers on the same too-small cache, started together: prefix caching on and off."""
-    started = {name: launch_server([*BASE_ARGS, "--kv-cache-memory", KV, *extra])
-               for name, extra in (("on", []), ("off", ["--no-prefix-caching"]))}
-    try:
-        for s in started.values():
-            wait_healthy(s, 300)
-        yield started
-    finally:
-        for s in started.values():
-            stop_server(s)
-            s.log_path.unlink(missing_ok=True)
+    with started_together(on=["--kv-cache-memory", KV], off=["--kv-cache-memory", KV, "--no-prefix-caching"]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
