@@ -47,6 +47,21 @@ def test_bench_throughput_side_by_side(model, tmp_path):
     assert "outside the model forward" in proc.stdout
 
 
+def test_bench_throughput_quantization_modes_side_by_side(model, tmp_path):
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    proc = tokenmill("bench", "throughput", model, "--num-prompts", "2", "--min-len", "8", "--max-len", "16",
+                     "--output-len", "4", "--quantization", "fp32,int8,gptq", "--quant-group-size", "32",
+                     "--json-out", str(out), "--plot", str(png))
+    results = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert list(results) == ["fp32", "int8", "gptq"] and png.stat().st_size > 0
+    assert results["fp32"]["agreement"] == 1.0 and results["fp32"]["quantization"] == "none"
+    assert results["gptq"]["quantization"].startswith("gptq 4-bit group 32")
+    fp32, int8, gptq = (results[m]["linear_bytes"] for m in ("fp32", "int8", "gptq"))
+    assert 0.25 < int8 / fp32 < 0.27  # one byte per weight plus a float32 scale per row
+    assert gptq / fp32 < 0.17  # half a byte, fp16 scales and packed zeros per 32 inputs, int32 g_idx per input
+    assert "| gptq |" in proc.stdout and "agreement with fp32" in proc.stdout
+
+
 def test_bench_prefix(model, tmp_path):
     out = tmp_path / "prefix.json"
     tokenmill("bench", "prefix", model, "--system-len", "64", "--num-questions", "4", "--conversations", "2",

@@ -67,6 +67,8 @@ def test_offbyone_plugin_fails(offbyone_report):
     assert gptq.status == FAIL and "relative error" in gptq.detail and "exceeds the gptq tolerance" in gptq.detail
     awq = results["quant/offbyone/OffByOneAWQ/awq/float32"]
     assert awq.status == PASS and "6 cases" in awq.detail  # plain, fused and experts, 1 and 7 tokens
+    ct = results["quant/offbyone/OffByOneCT/compressed-tensors/float32"]
+    assert ct.status == PASS and "36 cases" in ct.detail, ct.detail  # w8a8, fp8, w4a16 x3, w8a16
     # What it declares, it declares honestly: the refusal checks pass.
     refusals = [r for cid, r in results.items() if cid.startswith("refusal/")]
     assert refusals and all(r.status == PASS for r in refusals)

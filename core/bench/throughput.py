@@ -5,7 +5,9 @@ Peers: HF transformers (``--compare hf``), the core's reference ops (``--compare
 and vLLM-CPU from its own environment (``--against-vllm PYTHON``). ``--pairs N`` repeats the
 round of engines N times interleaved (tokenmill, vLLM, tokenmill, vLLM, ...) so a noisy machine
 shows up in the ratios; ``--sweep-prompts 16,64,256`` runs every engine at each number of
-prompts (the workload's prompts cycled) and plots output tok/s against it.
+prompts (the workload's prompts cycled) and plots output tok/s against it. ``--quantization
+fp32,bf16,int8,...`` (a comma-separated list) runs each quantization mode side by side instead
+(see :mod:`tokenmill.bench.quant_modes`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from tokenmill.bench import vllm_peer
+from tokenmill.bench import quant_modes, vllm_peer
 from tokenmill.commands.engine_args import add_engine_arguments, engine_kwargs
 
 
@@ -40,10 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=1, help="rounds of all engines, interleaved (default 1)")
     p.add_argument("--sweep-prompts", default=None, metavar="N,N,...",
                    help="run at each number of prompts and plot output tok/s against it")
-    p.add_argument("--plot", default="bench_throughput.png", help="PNG of the sweep ('' to skip)")
+    p.add_argument("--plot", default="bench_throughput.png", help="PNG of the sweep or of a --quantization list ('' to skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
+    p.add_argument("--quant-group-size", type=int, default=128,
+                   help="with a --quantization list: inputs per group of the gptq/awq/ct-w4a16 checkpoints")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_mode", default=None, help=argparse.SUPPRESS)
     add_engine_arguments(p)
 
 
@@ -79,7 +84,8 @@ def _run_tokenmill(args, model: str) -> dict:
             "steps": st.steps - steps0, "outside_forward_share": 1 - (st.forward_seconds - fwd0) / step_s if step_s else 0,
             "loop_outside_steps_s": elapsed - step_s, "platform": llm.engine.platform.name,
             "kernels": llm.engine.runner.kernels.providers, "attention": llm.engine.runner.backend.name,
-            "first_tokens": outs[0].outputs[0].token_ids[:8], "outputs_sha": _outputs_sha(outs)}
+            "first_tokens": outs[0].outputs[0].token_ids[:8], "outputs_sha": _outputs_sha(outs),
+            **(quant_modes.worker_result(llm, {}, outs) if args._mode else {})}
 
 
 def _outputs_sha(outs) -> str:
@@ -121,8 +127,8 @@ def _run_hf(args, model: str) -> dict:
             "first_tokens": outs[0][:8]}
 
 
-def _subprocess(argv: list[str], worker: str) -> dict:
-    cmd = [sys.executable, "-m", "tokenmill", "bench", "throughput", *argv, "--_worker", worker]
+def _subprocess(argv: list[str], worker: str, extra: tuple = ()) -> dict:
+    cmd = [sys.executable, "-m", "tokenmill", "bench", "throughput", *argv, "--_worker", worker, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{worker} run failed:\n{proc.stderr[-3000:]}")
@@ -177,6 +183,9 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     if args._worker:
+        if args._mode:
+            spec = json.loads(args._mode)
+            model, args.dtype, args.quantization = spec["model"], spec["dtype"], spec["quantization"]
         if args._worker == "reference":
             args.reference_ops = True
         result = _run_hf(args, model) if args._worker == "hf" else _run_tokenmill(args, model)
@@ -184,6 +193,11 @@ def run(args) -> int:
         print(json.dumps(result))
         return 0
     argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]
+    if args.quantization and "," in args.quantization:
+        if args.compare or args.against_vllm or args.sweep_prompts or args.pairs != 1:
+            raise ValueError("a --quantization list runs tokenmill's modes side by side; it does not combine with "
+                             "--compare, --against-vllm, --sweep-prompts or --pairs")
+        return quant_modes.run(args, model, argv, _subprocess)
     if args.pairs < 1:
         raise ValueError("--pairs must be at least 1")
     try:

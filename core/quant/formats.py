@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from tokenmill.quant.awq import AWQMethod
+from tokenmill.quant.compressed_tensors import CompressedTensorsMethod
 from tokenmill.quant.fp8 import Fp8Method, Fp8ScaledMMMethod
 from tokenmill.quant.gptq import GPTQMethod
 from tokenmill.quant.int8 import Int8Method
 
 #: Reference implementations (dequantize, then matmul) of every format, priority 0, every platform,
 #: and the FP8 matmul for platforms that declare ``capabilities.fp8``.
-REFERENCE_METHODS = (Int8Method, Fp8Method, Fp8ScaledMMMethod, GPTQMethod, AWQMethod)
+REFERENCE_METHODS = (Int8Method, Fp8Method, Fp8ScaledMMMethod, GPTQMethod, AWQMethod, CompressedTensorsMethod)

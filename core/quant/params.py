@@ -42,17 +42,20 @@ def expected_shards(spec) -> set:
     return set(names)
 
 
-def _copy(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+def _copy(name: str, dst: torch.Tensor, src: torch.Tensor, cast: bool = False) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-    if src.dtype != dst.dtype and not (src.is_floating_point() and dst.is_floating_point()):
+    if src.dtype != dst.dtype and not cast and not (src.is_floating_point() and dst.is_floating_point()):
         raise ValueError(f"checkpoint tensor {name} has dtype {src.dtype}, expected {dst.dtype}")
     dst.copy_(src)
 
 
 def add_param(layer: nn.Module, name: str, shape: tuple, dtype, spec, *, shard_dim: int | None = None,
-              pack: int = 1, mode: str = "split") -> nn.Parameter:
-    """Register an uninitialised ``layer.<name>`` of ``shape`` (per expert, per shard) and its loader."""
+              pack: int = 1, mode: str = "split", cast: bool = False) -> nn.Parameter:
+    """Register an uninitialised ``layer.<name>`` of ``shape`` (per expert, per shard) and its loader.
+
+    ``cast``: accept any dtype from the checkpoint (an integer shape written as int32 or int64).
+    """
     if mode not in ("split", "replicate", "per_shard"):
         raise ValueError(f"unknown parameter mode {mode!r}")
     offsets = _offsets(spec)
@@ -79,7 +82,7 @@ def add_param(layer: nn.Module, name: str, shape: tuple, dtype, spec, *, shard_d
         if shard is None:
             if mode == "per_shard" and tensor.numel() == param.numel():  # per-tensor scalar as [] or [1]
                 tensor = tensor.reshape(param.shape)
-            _copy(name, param.data, tensor)
+            _copy(name, param.data, tensor, cast)
             param.loaded_shards.update(param.expected_shards)
             return
         data = param.data
@@ -108,7 +111,7 @@ def add_param(layer: nn.Module, name: str, shape: tuple, dtype, spec, *, shard_d
             dst = data.narrow(shard_dim, start // pack, size // pack)
         else:
             dst = data
-        _copy(name, dst, tensor)
+        _copy(name, dst, tensor, cast)
         param.loaded_shards.add(key)
 
     p.weight_loader = load

@@ -1,6 +1,10 @@
-"""Round-to-nearest quantizer: a float checkpoint to GPTQ, AWQ or FP8, in the real tools' on-disk layouts.
+"""Round-to-nearest quantizer: a float checkpoint to GPTQ, AWQ, FP8, int8 or compressed-tensors, in the real
+tools' on-disk layouts.
 
-``tokenmill quantize SRC DST --format gptq|awq|fp8`` (see :mod:`tokenmill.commands.quantize`).
+``tokenmill quantize SRC DST --format gptq|awq|fp8|int8|compressed-tensors`` (see
+:mod:`tokenmill.commands.quantize`). compressed-tensors (and ``int8``: its W8A16 scheme,
+int8 weights per output channel) is written by the compressed-tensors library itself
+(:mod:`tokenmill.quant.ct_writer`).
 No calibration: GPTQ's error feedback and AWQ's activation-aware scaling are not run,
 so quality is RTN's; the files are what AutoGPTQ (``gptq`` checkpoint format, zeros
 stored minus one), AutoAWQ (GEMM, interleaved packing) and AutoFP8 (per-tensor scale)
@@ -21,7 +25,7 @@ from tokenmill.quant.awq import awq_pack
 from tokenmill.quant.checkpoint import is_quantizable, rewrite_checkpoint
 from tokenmill.quant.gptq import SUPPORTED_BITS, pack_cols, pack_rows
 
-FORMATS = ("gptq", "awq", "fp8")
+FORMATS = ("gptq", "awq", "fp8", "int8", "compressed-tensors")
 _SAME_INPUT = [(re.compile(r"\.(q|k|v)_proj\.weight$"), ".qkv_proj"), (re.compile(r"\.(gate|up)_proj\.weight$"),
                                                                         ".gate_up_proj"),
                (re.compile(r"\.(w1|w3)\.weight$"), ".w13")]
@@ -109,9 +113,27 @@ def checkpoint_config(fmt: str, bits: int = 4, group_size: int = 128, desc_act: 
     raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
 
 
+def compressed_tensors_cases() -> list:
+    """``(label, quantization_config, tensors(w, order))`` per compressed-tensors scheme (conformance)."""
+    from tokenmill.quant import ct_writer
+
+    out = []
+    for name, group, sym in (("w8a8", 128, True), ("fp8", 128, True), ("w4a16", 32, True), ("w4a16", 64, False),
+                             ("w4a16", -1, True), ("w8a16", 128, True)):
+        s = ct_writer.scheme(name, group, sym)
+        label = f"{name}{'' if name != 'w4a16' else f'-g{group}'}{'' if sym else '-asym'}"
+        out.append((label, ct_writer.quantization_config(s), lambda w, o, s=s: ct_writer.compress(w, s)))
+    return out
+
+
 def quantize_checkpoint(src, dst, fmt: str, bits: int = 4, group_size: int = 128, desc_act: bool = False,
-                        sym: bool = True) -> Path:
-    """Write ``dst``: the checkpoint ``src`` with its linear weights quantized to ``fmt``."""
+                        sym: bool = True, scheme: str = "w4a16") -> Path:
+    """Write ``dst``: the checkpoint ``src`` with its linear weights quantized to ``fmt``.
+
+    ``scheme``: the compressed-tensors scheme (``w8a8``, ``fp8``, ``w4a16``; ``int8`` is ``w8a16``).
+    """
+    if fmt in ("int8", "compressed-tensors"):
+        return _quantize_compressed_tensors(src, dst, "w8a16" if fmt == "int8" else scheme, group_size, sym)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
     if fmt == "gptq" and bits not in SUPPORTED_BITS:
@@ -141,3 +163,20 @@ def quantize_checkpoint(src, dst, fmt: str, bits: int = 4, group_size: int = 128
         (out / "quantize_config.json").write_text(
             json.dumps({k: v for k, v in qcfg.items() if k != "quant_method"}, indent=2) + "\n")
     return out
+
+
+def _quantize_compressed_tensors(src, dst, scheme: str, group_size: int, sym: bool) -> Path:
+    from tokenmill.quant import ct_writer
+
+    s = ct_writer.scheme(scheme, group_size, sym)
+    config = json.loads((Path(src) / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
+
+    def convert(name, tensor):
+        if not is_quantizable(name):
+            return {name: tensor}
+        base = name[: -len(".weight")]
+        return {f"{base}.{k}": v for k, v in ct_writer.compress(tensor, s).items()}
+
+    return rewrite_checkpoint(src, dst, convert, config_update={"quantization_config": ct_writer.quantization_config(s)})

@@ -8,11 +8,16 @@ def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int) -> list[list
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    pad = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
+    # A plain argmax loop rather than generate(): generate's min_new_tokens masks EOS out of the
+    # argmax, while the engine's ignore_eos lets EOS be the greedy token and only keeps going after it.
     out = []
     for p in prompts:
+        ids, past, toks = torch.tensor([p]), None, []
         with torch.inference_mode():
-            seq = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, pad_token_id=pad)
-        out.append(seq[0, len(p):].tolist())
+            for _ in range(new_tokens):
+                res = hf(input_ids=ids, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                ids = res.logits[:, -1].argmax(dim=-1, keepdim=True)
+                toks.append(int(ids))
+        out.append(toks)
     return out

@@ -5,7 +5,8 @@ paged attention with one classic bug: the causal mask uses ``key <= query + 1``,
 every prefill token also sees the next token's key. Decode-only batches hide the bug
 (there is no next token), prefill, mixed and chunked batches expose it. Its
 ``rms_norm`` divides by ``hidden - 1``: an off-by-one in the mean. Its GPTQ matmul reads the
-stored zero points without the format's offset of one; its AWQ is the core's own (correct).
+stored zero points without the format's offset of one; its AWQ and compressed-tensors are the
+core's own (correct).
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def tokenmill_kernels():
 
 @hookimpl
 def tokenmill_quantization_methods():
-    """GPTQ that forgets the format's zero-point offset (the bug), and the core's own AWQ (correct)."""
+    """GPTQ that forgets the format's zero-point offset (the bug); the core's own AWQ and
+    compressed-tensors (correct)."""
     from tokenmill.quant.awq import AWQMethod
+    from tokenmill.quant.compressed_tensors import CompressedTensorsMethod
     from tokenmill.quant.gptq import GPTQMethod, gptq_dequantize
     from tokenmill.quant.params import expert_view
 
@@ -108,4 +111,8 @@ def tokenmill_quantization_methods():
         device_types = ("offbyone",)
         priority = 5
 
-    return [OffByOneGPTQ, OffByOneAWQ]
+    class OffByOneCT(CompressedTensorsMethod):
+        device_types = ("offbyone",)
+        priority = 5
+
+    return [OffByOneGPTQ, OffByOneAWQ, OffByOneCT]
