@@ -68,8 +68,11 @@ class QuantCase:
         return out
 
 
-def _checkpoint_cases() -> dict[str, list[QuantCase]]:
+def _checkpoint_cases(key: str) -> list[QuantCase]:
     from tokenmill.quant import quantizer as q
+
+    if key == "compressed-tensors":
+        return [QuantCase(label, cfg, fn) for label, cfg, fn in q.compressed_tensors_cases()]
 
     def gptq(bits, group, sym=True, act=False):
         cfg = q.checkpoint_config("gptq", bits=bits, group_size=group, desc_act=act, sym=sym)
@@ -82,17 +85,14 @@ def _checkpoint_cases() -> dict[str, list[QuantCase]]:
                           lambda w, o: q.awq_quantize(w, 32))],
         "fp8": [QuantCase("per-tensor", q.checkpoint_config("fp8"), lambda w, o: q.fp8_quantize(w))],
     }
-    ct = getattr(q, "compressed_tensors_cases", None)
-    if ct is not None:
-        cases["compressed-tensors"] = [QuantCase(label, cfg, fn) for label, cfg, fn in ct()]
-    return cases
+    return cases.get(key, [])
 
 
 def cases_for(key: str, kind: str) -> list[QuantCase]:
     """The cases of format ``key`` (``kind``: ``checkpoint`` or ``online``); empty when the suite has none."""
     if kind == "online":
         return [QuantCase("online", None, lambda w, o: {"weight": w})]
-    return _checkpoint_cases().get(key, [])
+    return _checkpoint_cases(key)
 
 
 def reference_class(core_methods: list, key: str, kind: str):
