@@ -45,6 +45,46 @@ json.dump({"engine": "vllm", "prompts": len(prompts), "output_tokens": n, "secon
 """
 
 
+#: Runs in vLLM's interpreter: argv = model, dtype, batch sizes (comma list), prompt len, decode steps, seed,
+#: vocab size, output file. Per batch size: the wall time of prefilling B prompts (max_tokens=1), and the
+#: time per decode step from the difference with a run that also decodes ``steps`` more tokens.
+STEP_WORKER = r"""
+import json, random, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model, dtype, sizes, plen, steps, seed, vocab, out = sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3].split(",")], \
+    int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
+llm = LLM(model=model, dtype=dtype, max_model_len=2048, max_num_seqs=max(256, max(sizes)), enable_prefix_caching=False)
+res = []
+for b in sizes:
+    rng = random.Random(seed + b)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab) for _ in range(plen)]) for _ in range(b)]
+    def timed(n):
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - t0
+    timed(2)  # warm this batch size
+    prefill = timed(1)
+    both = timed(1 + steps)
+    res.append({"batch": b, "prefill_ms": 1e3 * prefill, "decode_step_ms": 1e3 * max(0.0, both - prefill) / steps})
+json.dump(res, open(out, "w"))
+"""
+
+
+def run_steps(python: str, model: str, dtype: str, sizes: list[int], prompt_len: int, steps: int, seed: int,
+              vocab: int, timeout: float = 1800) -> list[dict]:
+    """vLLM's prefill time and time per decode step at each batch size, in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        proc = subprocess.run([python, "-c", STEP_WORKER, model, dtype, ",".join(map(str, sizes)), str(prompt_len),
+                               str(steps), str(seed), str(vocab), out],
+                              capture_output=True, text=True, env=vllm_env(python), timeout=timeout)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"vLLM step run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
 def is_url(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 

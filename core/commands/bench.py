@@ -9,6 +9,7 @@ BENCHES = {
     "prefix": "shared-prefix workloads with prefix caching on and off",
     "serve": "drive a running server with concurrent streaming clients",
     "structured": "structured output: mask cost at 1/8/32 concurrent, compile time, jump-forward forward passes",
+    "profile": "where decode and prefill steps spend their time (linears with GFLOP/s, attention, ops, sampling)",
     "router": "multi-tenant chat against N replicas behind SGLang's router, per routing policy",
 }
 
