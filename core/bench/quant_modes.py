@@ -8,7 +8,8 @@ inputs per group; ``ct-w4a16``, ``ct-w8a8``, ``ct-fp8``: compressed-tensors sche
 mode: the bytes the model's quantizable linear layers hold (every tensor they keep, each
 storage once; not the embeddings, norms, router or ``lm_head``), all weights' bytes,
 output tok/s, and the share of greedy tokens equal to fp32's at the same position. A
-table on stdout and a PNG of the three.
+table on stdout and a PNG of the three. ``--pairs N`` runs N rounds of all modes, interleaved, and
+reports each mode's median tok/s with its range.
 """
 from __future__ import annotations
 
@@ -89,23 +90,33 @@ def run(args, model: str, argv: list[str], subprocess_fn) -> int:
     from tokenmill.quant.quantizer import quantize_checkpoint
 
     modes = parse_modes(args.quantization)
-    results = []
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
         for mode in modes:
             dtype, online, ckpt = MODES[mode]
-            path = model
+            paths[mode] = model
             if ckpt is not None:
                 print(f"quantizing {model} to {mode} ...", file=sys.stderr, flush=True)
                 kw = dict(ckpt)
-                path = str(quantize_checkpoint(model, os.path.join(tmp, mode), kw.pop("fmt"),
-                                               group_size=args.quant_group_size, **kw))
-            print(f"running {mode} ...", file=sys.stderr, flush=True)
-            spec = json.dumps({"model": path, "dtype": dtype, "quantization": online})
-            r = subprocess_fn(argv, "tokenmill", ["--_mode", spec])
-            r["mode"] = mode
-            results.append(r)
-            print(f"  {mode:<9} {r['output_tok_s']:,.1f} output tok/s, linear layers "
-                  f"{r['linear_bytes'] / 2**20:.2f} MiB", file=sys.stderr, flush=True)
+                paths[mode] = str(quantize_checkpoint(model, os.path.join(tmp, mode), kw.pop("fmt"),
+                                                      group_size=args.quant_group_size, **kw))
+        for round_ in range(args.pairs):  # rounds interleave the modes, so machine noise hits all of them
+            for mode in modes:
+                dtype, online, _ = MODES[mode]
+                print(f"running {mode} (round {round_ + 1}/{args.pairs}) ...", file=sys.stderr, flush=True)
+                spec = json.dumps({"model": paths[mode], "dtype": dtype, "quantization": online})
+                r = subprocess_fn(argv, "tokenmill", ["--_mode", spec])
+                runs[mode].append(r)
+                print(f"  {mode:<9} {r['output_tok_s']:,.1f} output tok/s, linear layers "
+                      f"{r['linear_bytes'] / 2**20:.2f} MiB", file=sys.stderr, flush=True)
+    results = []
+    for mode, rs in runs.items():
+        speeds = sorted(r["output_tok_s"] for r in rs)
+        r = dict(rs[0], mode=mode, output_tok_s=speeds[len(speeds) // 2], tok_s_runs=[x["output_tok_s"] for x in rs])
+        if any(x["tokens"] != r["tokens"] for x in rs):
+            r["implementation"] += " (outputs differ between rounds)"
+        results.append(r)
     base = next((r for r in results if r["mode"] == "fp32"), results[0])
     bf16 = next((r for r in results if r["mode"] == "bf16"), None)
     for r in results:
@@ -114,8 +125,8 @@ def run(args, model: str, argv: list[str], subprocess_fn) -> int:
         r["linear_vs_bf16"] = r["linear_bytes"] / bf16["linear_bytes"] if bf16 else None
     print(table(results, base["mode"]))
     print(f"\n{base['prompts']} prompts, {base['output_tokens']} output tokens per mode; one run, each mode in its "
-          f"own process on the same workload; agreement: share of greedy tokens equal to {base['mode']}'s at the "
-          f"same position")
+          f"own process on the same workload, {args.pairs} interleaved round(s), median tok/s; agreement: share of "
+          f"greedy tokens equal to {base['mode']}'s at the same position")
     if args.plot:
         plot(results, args.plot, base["mode"])
         print(f"plot: {args.plot}")
@@ -129,12 +140,19 @@ def table(results: list[dict], base: str) -> str:
     """A Markdown table, one row per mode."""
     lines = [f"| mode | implementation | linear MiB | vs bf16 | all weights MiB | output tok/s | vs {base} | "
              f"agreement with {base} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    many = len(results[0].get("tok_s_runs", ())) > 1
     for r in results:
         vs = f"{r['linear_vs_bf16']:.0%}" if r["linear_vs_bf16"] is not None else "-"
         lines.append(f"| {r['mode']} | {r['implementation']} | {r['linear_bytes'] / 2**20:.2f} | {vs} | "
-                     f"{r['weight_bytes'] / 2**20:.2f} | {r['output_tok_s']:,.1f} | {r['speed_vs_base']:.2f}x | "
+                     f"{r['weight_bytes'] / 2**20:.2f} | {r['output_tok_s']:,.1f}{_spread(r) if many else ''} | "
+                     f"{r['speed_vs_base']:.2f}x | "
                      f"{r['agreement']:.1%} |")
     return "\n".join(lines)
+
+
+def _spread(r: dict) -> str:
+    runs = r["tok_s_runs"]
+    return f" ({min(runs):,.1f}-{max(runs):,.1f})"
 
 
 def plot(results: list[dict], path: str, base: str) -> None:

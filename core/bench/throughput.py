@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--against-vllm", default=None, metavar="PYTHON",
                    help="also run vLLM-CPU with this interpreter (its own venv), with its best CPU setup")
-    p.add_argument("--pairs", type=int, default=1, help="rounds of all engines, interleaved (default 1)")
+    p.add_argument("--pairs", type=int, default=1, help="rounds of all engines (or of a --quantization list), interleaved (default 1)")
     p.add_argument("--sweep-prompts", default=None, metavar="N,N,...",
                    help="run at each number of prompts and plot output tok/s against it")
     p.add_argument("--plot", default="bench_throughput.png", help="PNG of the sweep or of a --quantization list ('' to skip)")
@@ -193,13 +193,13 @@ def run(args) -> int:
         print(json.dumps(result))
         return 0
     argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]
-    if args.quantization and "," in args.quantization:
-        if args.compare or args.against_vllm or args.sweep_prompts or args.pairs != 1:
-            raise ValueError("a --quantization list runs tokenmill's modes side by side; it does not combine with "
-                             "--compare, --against-vllm, --sweep-prompts or --pairs")
-        return quant_modes.run(args, model, argv, _subprocess)
     if args.pairs < 1:
         raise ValueError("--pairs must be at least 1")
+    if args.quantization and "," in args.quantization:
+        if args.compare or args.against_vllm or args.sweep_prompts:
+            raise ValueError("a --quantization list runs tokenmill's modes side by side; it does not combine with "
+                             "--compare, --against-vllm or --sweep-prompts")
+        return quant_modes.run(args, model, argv, _subprocess)
     try:
         counts = [int(x) for x in args.sweep_prompts.split(",")] if args.sweep_prompts else [args.num_prompts]
     except ValueError:
