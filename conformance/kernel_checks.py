@@ -126,9 +126,12 @@ def kernel_checks(target, platform_name: str, device, device_skip: str | None, d
                   dtype_skips: dict[str, str]) -> list[Check]:
     """One check per (kernel the plugin registers for ``platform_name``, dtype it serves)."""
     checks = []
-    for impl in target.kernels_for(platform_name):
+    impls = target.kernels_for(platform_name)
+    for impl in impls:
         assert impl.op in OPS
         prefix = f"kernel/{platform_name}/{impl.op}"
+        if sum(i.op == impl.op for i in impls) > 1:  # several of one op (e.g. a vendor library's): name whose
+            prefix += f"/{impl.provider or 'plugin'}"
         if impl.device_type == "*":
             prefix += "@any-platform"
         served = [d for d in dtypes if impl.dtypes is None or d in impl.dtypes]

@@ -67,6 +67,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     report = _STATE.get("report")
     if report is None or not report.results:
         return
+    from tokenmill.conformance.target import summarize_target
+
+    report.facts.update(summarize_target(_STATE["target"]))
     terminalreporter.write_sep("=", "tokenmill conformance capability report")
     terminalreporter.write_line(report.table())
     path = config.getoption("--conformance-report")

@@ -14,7 +14,7 @@ from tokenmill.conformance.kernel_checks import kernel_checks
 from tokenmill.conformance.platform_checks import platform_checks
 from tokenmill.conformance.quant_checks import quant_checks
 from tokenmill.conformance.results import Check, Report, Result, Skip
-from tokenmill.conformance.target import INTERPRETER_DTYPES, Target, describe_target, load_target
+from tokenmill.conformance.target import INTERPRETER_DTYPES, Target, describe_target, load_target, summarize_target
 
 GRIDS = ("small", "standard", "full")
 
@@ -112,6 +112,7 @@ def run_checks(target: Target, checks: list[Check], progress: Callable[[Result],
         report.results.append(result)
         if progress is not None:
             progress(result)
+    report.facts.update(summarize_target(target))
     return report
 
 

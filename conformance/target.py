@@ -161,6 +161,18 @@ def load_target(plugin: str, interpret: bool = False) -> Target:
     return target
 
 
+def summarize_target(target: Target) -> dict:
+    """Facts known only after the checks ran: the plugin module's optional ``conformance_summary()``
+    (a plain function returning a dict, e.g. which vendor ops the checks actually called)."""
+    summary = getattr(target.module, "conformance_summary", None)
+    if not callable(summary):
+        return {}
+    try:
+        return {str(k): str(v) for k, v in summary().items()}
+    except Exception as exc:  # noqa: BLE001 - optional and informational
+        return {"conformance_summary() raised": f"{type(exc).__name__}: {exc}"}
+
+
 def describe_target(target: Target) -> dict:
     """Facts for the report's header: registrations, each platform's ``describe()``, and the
     plugin module's optional ``conformance_facts()`` (a plain function returning a dict)."""

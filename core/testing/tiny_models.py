@@ -54,8 +54,18 @@ def cache_root(cache_dir=None) -> Path:
     return root
 
 
+def _transformers_major() -> int:
+    from importlib import metadata
+
+    return int(metadata.version("transformers").split(".")[0])
+
+
 def _key(kind: str, settings: dict) -> str:
-    blob = json.dumps({"kind": kind, "v": RECIPE_VERSION, **settings}, sort_keys=True, default=str)
+    fields = {"kind": kind, "v": RECIPE_VERSION, **settings}
+    if _transformers_major() < 5:
+        # What transformers 4 saves differs (tokenizer class, rope fields), and venvs share the cache.
+        fields["transformers"] = 4
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
@@ -114,6 +124,16 @@ def make_tokenizer(cache_dir=None, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     return _build_atomically(target, build)
 
 
+def _legacy_rope(settings: dict) -> dict:
+    """``rope_parameters`` (transformers 5) as ``rope_theta`` + ``rope_scaling``, which transformers 4 reads."""
+    settings = dict(settings)
+    params = dict(settings.pop("rope_parameters"))
+    settings["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default":
+        settings["rope_scaling"] = params
+    return settings
+
+
 def make_tiny_model(arch: str, cache_dir=None, *, tie_word_embeddings: bool = False,
                     max_shard_size: str | None = None, dtype: str = "float32", seed: int = 0,
                     extra_special_tokens: tuple[str, ...] = (), **overrides) -> Path:
@@ -129,6 +149,8 @@ def make_tiny_model(arch: str, cache_dir=None, *, tie_word_embeddings: bool = Fa
     config_cls_name, arch_settings = ARCHS[arch]
     settings = {**_COMMON, **arch_settings, "tie_word_embeddings": tie_word_embeddings, **overrides}
     extra = {"special": list(extra_special_tokens)} if extra_special_tokens else {}
+    if "rope_parameters" in settings and _transformers_major() < 5:
+        settings = _legacy_rope(settings)  # transformers 4 ignores rope_parameters
     key = _key(f"{arch}", {"settings": settings, "shard": max_shard_size, "dtype": dtype, "seed": seed, **extra})
     tokenizer_dir = make_tokenizer(cache_dir)
     target = cache_root(cache_dir) / key

@@ -17,15 +17,17 @@ def tokenmill_platforms():
 
 
 # Attention and ops that beat the reference on CPUs (tokenmill_cpu.attention, .ops), plus
-# intel-extension-for-pytorch's RMSNorm when it is installed and matches torch (.ipex).
-# Importing them here would import torch: each hook imports on call.
+# intel-extension-for-pytorch's paged attention and RMSNorm when it is usable (.ipex_attention,
+# .ipex), ranked above the plugin's own. Importing them here would import torch: each hook
+# imports on call.
 
 
 @hookimpl
 def tokenmill_attention_backends():
     from tokenmill_cpu.attention import CpuAttention
+    from tokenmill_cpu.ipex_attention import ipex_attention_backends
 
-    return [CpuAttention]
+    return [CpuAttention, *ipex_attention_backends()]
 
 
 @hookimpl
@@ -51,4 +53,15 @@ def conformance_facts() -> dict:
     from tokenmill_cpu.ipex import ipex_status
 
     native.load()
-    return {"native decode kernel": native.status(), "intel-extension-for-pytorch": ipex_status()[1]}
+    usable, reason = ipex_status()
+    if usable:
+        reason += ("; registers rms_norm, fused_add_rms_norm and attention cpu-ipex (reshape_and_cache, "
+                   "single_query_cached_kv_attention, flash_attn_varlen_func)")
+    return {"native decode kernel": native.status(), "intel-extension-for-pytorch": reason}
+
+
+def conformance_summary() -> dict:
+    """What ran, for the conformance report once the checks are done (not a hook)."""
+    from tokenmill_cpu.ipex import ipex_status, summary
+
+    return {"IPEX ops called during the checks": summary() if ipex_status()[0] else "none (IPEX not used)"}

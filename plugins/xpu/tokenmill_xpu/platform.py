@@ -3,8 +3,8 @@
 Everything device-generic (``torch.xpu`` memory, allocator, synchronisation, describe)
 comes from :class:`tokenmill.accelerator.AcceleratorPlatform`; this module holds what is
 Intel's: the XPU runtime facts and intel-extension-for-pytorch (IPEX). IPEX is optional
-and heavy; it is imported only by :meth:`XpuPlatform.ipex` and by the ops it serves
-(:mod:`tokenmill_xpu.ipex_ops`), never to answer availability or describe the platform.
+and heavy; it is imported only to register the ops it serves (:mod:`tokenmill_xpu.ipex_ops`),
+never to answer availability or describe the platform.
 """
 from __future__ import annotations
 
@@ -56,11 +56,3 @@ class XpuPlatform(AcceleratorPlatform):
 
     def runtime_facts(self, torch) -> dict:
         return {"xpu_runtime": getattr(torch.version, "xpu", None), **ipex_status(torch.__version__)}
-
-    def ipex(self):
-        """The intel_extension_for_pytorch module (imported now), or None when it is not installed."""
-        if importlib.util.find_spec(IPEX_MODULE) is None:
-            return None
-        import intel_extension_for_pytorch
-
-        return intel_extension_for_pytorch
