@@ -237,8 +237,7 @@ def build_app(engine: AsyncEngine, settings: AppSettings, metrics: Metrics | Non
             raise bad_request(f"token id(s) {bad[:5]} are outside the vocabulary (size {srv.vocab_size}).", "tokens")
         return {"prompt": await srv.decode(req.tokens)}
 
-    add_worker_routes(app, engine, settings.model_names, settings.model_path,
-                      getattr(engine.tokenizer, "name_or_path", None) or settings.model_path)
+    add_worker_routes(app, engine, settings.model_names, settings.model_path)
 
     @app.get("/metrics")
     async def prometheus():

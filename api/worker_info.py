@@ -8,7 +8,8 @@ fans out to every worker; its ``/engine_metrics`` scrapes every worker's ``/metr
 routes below answer those with the same field names SGLang's own server uses, filled from the
 engine core's real state (never constants), so the router treats a tokenmill replica like an
 SGLang one. Like ``/health`` and ``/metrics`` they are open without an API key, except
-``/flush_cache``, which changes state.
+``/flush_cache``, which changes state; being open, they name the model as ``/v1/models``
+does (its served name) and never the checkpoint's or tokenizer's place on disk.
 """
 from __future__ import annotations
 
@@ -34,15 +35,20 @@ def _model_facts(model_path: str) -> dict:
     return {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures") or []}
 
 
-def add_worker_routes(app: FastAPI, engine, model_names: tuple[str, ...], model_path: str, tokenizer_path: str) -> None:
-    """Register the router-facing routes on ``app`` for ``engine`` (an :class:`AsyncEngine`)."""
+def add_worker_routes(app: FastAPI, engine, model_names: tuple[str, ...], model_path: str) -> None:
+    """Register the router-facing routes on ``app`` for ``engine`` (an :class:`AsyncEngine`).
+
+    ``model_path`` is read here (config.json) and not shown: ``model_path`` and
+    ``tokenizer_path`` in the answers are the served name, ``model_names[0]``.
+    """
     info = engine.info
     facts = _model_facts(model_path)
+    name = model_names[0]
 
     def server_info() -> dict:
         return {
-            "model_path": model_path, "tokenizer_path": tokenizer_path, "served_model_name": model_names[0],
-            "model_id": model_names[0], "version": __version__, "dp_size": 1,
+            "model_path": name, "tokenizer_path": name, "served_model_name": name, "model_id": name,
+            "version": __version__, "dp_size": 1,
             "tp_size": getattr(info, "tensor_parallel_size", 1),
             "max_total_num_tokens": info.num_kv_tokens, "max_total_tokens": info.num_kv_tokens,
             "max_running_requests": getattr(info, "max_num_seqs", None) or None,
@@ -52,7 +58,7 @@ def add_worker_routes(app: FastAPI, engine, model_names: tuple[str, ...], model_
         }
 
     def model_info() -> dict:
-        return {"model_path": model_path, "tokenizer_path": tokenizer_path, "served_model_name": model_names[0],
+        return {"model_path": name, "tokenizer_path": name, "served_model_name": name,
                 "is_generation": True, "weight_version": "default", "max_context_length": info.max_model_len,
                 "max_req_input_len": info.max_model_len - 1, "vocab_size": info.vocab_size, **facts}
 

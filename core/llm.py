@@ -19,7 +19,8 @@ class LLM:
 
     Engine options are keyword arguments named like the CLI flags: ``dtype``,
     ``max_model_len``, ``quantization``, ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_memory``,
-    ``block_size``, ``enable_prefix_caching``, ``device``, ``seed``, ``structured_output_backend``
+    ``num_blocks`` (the KV pool in blocks, ``--num-kv-blocks``), ``block_size``, ``enable_prefix_caching``,
+    ``device``, ``seed``, ``structured_output_backend``
     (``auto``, ``xgrammar`` or ``outlines``), ``jump_forward`` (False: constrained requests decode
     one token per step).
     """

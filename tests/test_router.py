@@ -1,8 +1,10 @@
 """Data parallelism behind SGLang's real router: ``tokenmill router --data-parallel-size 2`` on 127.0.0.1.
 
-Two replicas of the bundled model and ``sglang-router`` in front: the router registers each
-replica from our worker endpoints, forwards completions and streaming chat, keeps a long shared
-prefix on one replica (cache_aware), and drops a replica that dies while the other keeps serving.
+Two replicas of the bundled model and ``sglang-router`` in front, started once for the module:
+the router registers each replica from our worker endpoints, forwards completions and streaming
+chat, and keeps a long shared prefix on one replica (cache_aware). A second router
+(``tokenmill router --worker-urls``) in front of one of those replicas and a third of its own
+drops that third one when it dies, while the other keeps serving.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
-from api_conftest import SMALL_ENGINE, _children, free_port, metrics, wait_for
+from api_conftest import SMALL_ENGINE, _children, free_port, metrics, start_server, stop_server, wait_for
 
 pytest.importorskip("sglang_router", reason="needs tokenmill[router] (sglang-router)")
 
@@ -37,16 +40,23 @@ def _two_free_ports() -> int:
 
 
 class Deployment:
-    def __init__(self, extra: list[str] = ()):
-        self.port, base = free_port(), _two_free_ports()
+    """``tokenmill router`` in a subprocess: two new replicas, or the router alone before ``worker_urls``."""
+
+    def __init__(self, extra: list[str] = (), worker_urls: list[str] | None = None):
+        self.port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="tokenmill-router-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "tokenmill", "router", "--data-parallel-size", "2", "--port", str(self.port),
-               "--worker-base-port", str(base), *SMALL_ENGINE, "--log-level", "warning",
+        cmd = [sys.executable, "-m", "tokenmill", "router", "--port", str(self.port), "--log-level", "warning",
                "--health-check-interval-secs", "1", "--health-failure-threshold", "1", *extra]
+        if worker_urls:
+            cmd += ["--worker-urls", *worker_urls]
+            self.workers = list(worker_urls)
+        else:
+            base = _two_free_ports()
+            cmd += ["--data-parallel-size", "2", "--worker-base-port", str(base), *SMALL_ENGINE]
+            self.workers = [f"http://127.0.0.1:{base + i}" for i in range(2)]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
         self.url = f"http://127.0.0.1:{self.port}"
-        self.workers = [f"http://127.0.0.1:{base + i}" for i in range(2)]
 
     def wait(self, timeout: float = 240.0):
         deadline = time.monotonic() + timeout
@@ -93,6 +103,10 @@ def test_router_registers_replicas_from_our_worker_endpoints(dep):
         assert info["max_total_num_tokens"] > 0 and info["page_size"] == 16
         model = httpx.get(url + "/get_model_info").json()
         assert model["is_generation"] is True and model["architectures"] == ["LlamaForCausalLM"]
+        # open without a key, so they name the model as /v1/models does, never its place on disk
+        served = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        assert model["model_path"] == model["tokenizer_path"] == info["model_path"] == served == "tokenmill-default"
+        assert "default-model" not in httpx.get(url + "/get_model_info").text + httpx.get(url + "/get_server_info").text
         load = httpx.get(url + "/get_load").json()
         assert load == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
     workers = httpx.get(dep.url + "/workers").json()["workers"]
@@ -137,25 +151,51 @@ def test_flush_cache_fans_out_to_every_replica(dep):
         assert metrics(url)["tokenmill:kv_cache_free_blocks"] == metrics(url)["tokenmill:kv_cache_blocks"]
 
 
-def test_a_dead_replica_is_dropped_and_the_other_keeps_serving():
-    d = Deployment(["--router-policy", "round_robin"])
+def test_a_dead_replica_is_dropped_and_the_other_keeps_serving(dep):
+    # a replica of its own to kill, beside one of the module's, behind a second router of its own
+    third = start_server([*SMALL_ENGINE], env={"OMP_NUM_THREADS": "1"})
+    core = third.core_pid()
+    d = Deployment(["--router-policy", "round_robin"], worker_urls=[dep.workers[0], third.url])
     try:
         d.wait()
-        os.kill(d.replica_pid(1), signal.SIGKILL)
+        os.kill(third.proc.pid, signal.SIGKILL)
 
         def dropped():
             ws = {w["url"]: w for w in httpx.get(d.url + "/workers").json()["workers"]}
-            return d.workers[1] not in ws or not ws[d.workers[1]]["is_healthy"]
+            return third.url not in ws or not ws[third.url]["is_healthy"]
 
         wait_for(dropped, timeout=30, interval=0.5)
         for i in range(4):  # round robin would send every other request to the dead one
             r = httpx.post(d.url + "/v1/completions", json={
                 "model": "tokenmill-default", "prompt": f"x = {i}", "max_tokens": 2}, timeout=60)
             assert r.status_code == 200, r.text
-        wait_for(lambda: "replica 1" in d.log.read_text() and "exited" in d.log.read_text(), timeout=10)
-        assert d.proc.poll() is None  # the deployment keeps running on the survivor
+        assert d.proc.poll() is None  # the router keeps running on the survivor
     finally:
         d.stop()
+        stop_server(third)
+        with contextlib.suppress(ProcessLookupError):  # its engine core, orphaned by the SIGKILL
+            os.kill(core, signal.SIGKILL)
+        third.log_path.unlink(missing_ok=True)
+
+
+def test_deployment_reports_each_replica_that_exits_and_stops_when_none_is_left(capsys):
+    from tokenmill.commands.router import Deployment as Launched
+
+    def proc(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    d = Launched(SimpleNamespace(data_parallel_size=2, worker_base_port=None, port=free_port(),
+                                 host="127.0.0.1", worker_urls=None))
+    d.router = proc("import time; time.sleep(60)")
+    d.replicas = [proc("raise SystemExit(3)"), proc("import time; time.sleep(1.5)")]
+    d.worker_urls = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    try:
+        assert d.watch() == 1  # once both replicas are gone
+    finally:
+        d.stop()
+    err = capsys.readouterr().err
+    assert "replica 0 (http://127.0.0.1:1) exited with code 3; the router drops it, 1 keep serving" in err, err
+    assert "replica 1 (http://127.0.0.1:2) exited with code 0" in err and "every replica has exited" in err, err
 
 
 def test_data_parallel_without_the_router_installed_says_how_to_install(tmp_path):

@@ -4,13 +4,18 @@ Many tenants, each with its own long system prompt, each running several multi-t
 conversations (every turn resends the whole history plus a new question and waits for the
 answer); all conversations run at once, capped by ``--concurrency``, so the router has to trade
 cache affinity against balance. The replicas start once; for each router setting (``--policies``,
-plus ``--variants`` of the cache-aware thresholds) the replicas' prefix caches are flushed, the
+plus ``--variants`` of the cache-aware settings) the replicas' prefix caches are flushed, the
 router is started in front of them, the workload runs, and the router is stopped. Settings are
 run in ``--rounds`` interleaved rounds (order reversed every other round) to even out a noisy box.
 
+Each replica's KV cache is ``--num-kv-blocks`` blocks (default 200): about a third of all
+tenants' system prompts at the default workload, so a replica cannot hold every tenant and
+which replica a request lands on decides whether it hits (the header prints the share).
+
 Reported per setting: the prefix-cache hit rate from the replicas' own ``/metrics`` (hit
-tokens / looked-up tokens, summed over replicas), how the requests spread over replicas,
-request and token throughput, and mean latency; with a PNG plot.
+tokens / looked-up tokens, summed over replicas), the ideal hit rate of the same prompts (one
+unbounded cache that has seen every earlier prompt: what no router can beat), how the
+requests spread over replicas, request and token throughput, and mean latency; with a PNG plot.
 """
 from __future__ import annotations
 
@@ -29,23 +34,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from tokenmill.commands.serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(p)  # the replicas' options (model, engine flags) and the router's
-    p.set_defaults(data_parallel_size=4, port=8500, kv_cache_memory=3 << 20, log_level="warning")
+    p.set_defaults(data_parallel_size=4, port=8500, num_kv_blocks=200, log_level="warning")
     b = p.add_argument_group("workload")
     b.add_argument("--policies", default="cache_aware,round_robin,random")
     b.add_argument("--variants", default="",
-                   help="extra cache_aware settings, ';'-separated 'cache_threshold,balance_abs,balance_rel' "
-                        "(e.g. '0.5,32,1.2;0.1,256,3')")
+                   help="extra cache_aware settings, ';'-separated, each 'key=value,...' over "
+                        f"{', '.join(VARIANT_KEYS)} (e.g. 'cache_threshold=0.5;balance_abs_threshold=4')")
     b.add_argument("--tenants", type=int, default=16)
-    b.add_argument("--conversations", type=int, default=2, help="conversations per tenant")
+    b.add_argument("--conversations", type=int, default=4, help="conversations per tenant")
     b.add_argument("--turns", type=int, default=3)
-    b.add_argument("--system-chars", type=int, default=1600, help="characters of each tenant's system prompt")
+    b.add_argument("--system-chars", type=int, default=2400, help="characters of each tenant's system prompt")
     b.add_argument("--question-chars", type=int, default=120)
     b.add_argument("--output-len", type=int, default=16)
     b.add_argument("--concurrency", type=int, default=16, help="conversations in flight at once")
     b.add_argument("--rounds", type=int, default=1)
+    b.add_argument("--request-timeout-s", type=float, default=600.0, help="client timeout of one request")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--plot", default="bench_router.png", help="PNG of hit rate and throughput ('' to skip)")
     b.add_argument("--json-out", default=None)
+
+
+#: The cache-aware router settings ``--variants`` may change, with their types.
+VARIANT_KEYS = {"cache_threshold": float, "balance_abs_threshold": int, "balance_rel_threshold": float,
+                "eviction_interval_secs": int, "max_tree_size": int}
 
 
 def _text_source():
@@ -85,17 +96,20 @@ def _flush(url: str) -> None:
         pass
 
 
-async def _drive(url: str, model: str, convs, args) -> dict:
+async def _drive(url: str, model: str, convs, args, label: str) -> dict:
     import httpx
 
     sem = asyncio.Semaphore(args.concurrency)
     latencies, errors, tokens = [], [], {"prompt": 0, "completion": 0}
+    sent: list[list[dict]] = []  # every request's messages, in the order they were sent
+    total = len(convs) * args.turns
 
     async def conversation(client, system, questions):
         async with sem:
             messages = [{"role": "system", "content": system}]
             for q in questions:
                 messages.append({"role": "user", "content": q})
+                sent.append(list(messages))
                 t0 = time.perf_counter()
                 r = await client.post(url + "/v1/chat/completions", json={
                     "model": model, "messages": messages, "max_tokens": args.output_len, "temperature": 0,
@@ -109,26 +123,88 @@ async def _drive(url: str, model: str, convs, args) -> dict:
                 tokens["completion"] += body["usage"]["completion_tokens"]
                 messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
 
+    async def progress(t0):
+        while True:
+            await asyncio.sleep(15)
+            print(f"    {label}: {len(latencies)}/{total} requests, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+
     limits = httpx.Limits(max_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(conversation(client, s, qs) for s, qs in convs))
+        ticker = asyncio.create_task(progress(t0))
+        try:
+            await asyncio.gather(*(conversation(client, s, qs) for s, qs in convs))
+        finally:
+            ticker.cancel()
         wall = time.perf_counter() - t0
-    return {"wall_s": wall, "requests": len(latencies), "errors": errors, **tokens,
+    return {"wall_s": wall, "requests": len(latencies), "errors": errors, **tokens, "sent": sent,
             "mean_latency_s": sum(latencies) / max(1, len(latencies))}
 
 
-def _settings(args) -> list[dict]:
-    out = [{"name": p, "policy": p} for p in args.policies.split(",") if p]
-    for v in filter(None, args.variants.split(";")):
-        ct, ab, rel = v.split(",")
-        out.append({"name": f"cache_aware(ct={ct},abs={ab},rel={rel})", "policy": "cache_aware",
-                    "cache_threshold": float(ct), "balance_abs_threshold": int(ab), "balance_rel_threshold": float(rel)})
+def _tokenize(url: str, model: str, messages: list[dict]) -> list[int]:
+    req = urllib.request.Request(url + "/tokenize", data=json.dumps({"model": model, "messages": messages}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)["tokens"]
+
+
+def ideal_hit_rate(prompts: list[list[int]], block_size: int) -> float:
+    """Hit rate of one unbounded prefix cache that has seen every earlier prompt (block-aligned).
+
+    Like the engine, a prompt reuses whole blocks only, and never all of itself (at least one
+    token is computed). Generated tokens are not counted, so a real cache can beat this by the
+    blocks of a previous answer that a later turn's prompt repeats.
+    """
+    seen: set[tuple[int, ...]] = set()
+    hit = total = 0
+    for ids in prompts:
+        n = 0
+        while n < (len(ids) - 1) // block_size and tuple(ids[:(n + 1) * block_size]) in seen:
+            n += 1
+        hit, total = hit + n * block_size, total + len(ids)
+        seen.update(tuple(ids[:(i + 1) * block_size]) for i in range(len(ids) // block_size))
+    return hit / total if total else 0.0
+
+
+_SHORT = {"cache_threshold": "ct", "balance_abs_threshold": "abs", "balance_rel_threshold": "rel",
+          "eviction_interval_secs": "evict", "max_tree_size": "tree"}
+
+
+def parse_settings(policies: str, variants: str) -> list[dict]:
+    """The router settings to compare: one per policy, plus each cache_aware variant."""
+    out = []
+    for p in filter(None, policies.split(",")):
+        from tokenmill.commands.router import POLICIES
+
+        if p not in POLICIES:
+            raise ValueError(f"--policies: unknown policy {p!r} (one of {', '.join(POLICIES)})")
+        out.append({"name": p, "policy": p})
+    for v in filter(None, (x.strip() for x in variants.split(";"))):
+        setting = {"policy": "cache_aware"}
+        for item in filter(None, v.split(",")):
+            key, sep, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in VARIANT_KEYS:
+                raise ValueError(f"--variants: {item!r} is not key=value with key one of {', '.join(VARIANT_KEYS)}")
+            try:
+                setting[key] = VARIANT_KEYS[key](value)
+            except ValueError:
+                raise ValueError(f"--variants: {key} must be {VARIANT_KEYS[key].__name__}, got {value!r}") from None
+        setting["name"] = "cache_aware(" + ",".join(f"{_SHORT[k]}={v}" for k, v in setting.items()
+                                                    if k in VARIANT_KEYS) + ")"
+        out.append(setting)
+    if not out:
+        raise ValueError("nothing to run: give --policies or --variants")
     return out
 
 
+def _model_name(args) -> str:
+    return "tokenmill-default" if args.model is None else (args.served_model_name or [args.model])[0]
+
+
 def _run_setting(dep, setting: dict, convs, args) -> dict:
-    for key in ("cache_threshold", "balance_abs_threshold", "balance_rel_threshold"):
+    for key in VARIANT_KEYS:
         setattr(dep.args, key, setting.get(key, getattr(args, "_default_" + key)))
     dep.args.router_policy = setting["policy"]
     for url in dep.worker_urls:
@@ -136,8 +212,7 @@ def _run_setting(dep, setting: dict, convs, args) -> dict:
     before = [_scrape(u) for u in dep.worker_urls]
     dep.start_router()
     try:
-        res = asyncio.run(_drive(dep.url, "tokenmill-default" if args.model is None else
-                                 (args.served_model_name or [args.model])[0], convs, args))
+        res = asyncio.run(_drive(dep.url, _model_name(args), convs, args, setting["name"]))
     finally:
         dep.stop_router()
     after = [_scrape(u) for u in dep.worker_urls]
@@ -146,7 +221,13 @@ def _run_setting(dep, setting: dict, convs, args) -> dict:
         return [a.get(name, 0.0) - b.get(name, 0.0) for a, b in zip(after, before)]
 
     hits, queries = delta("tokenmill:prefix_cache_hits_total"), delta("tokenmill:prefix_cache_queries_total")
+    sent = res.pop("sent")
+    prompts = [_tokenize(dep.worker_urls[0], _model_name(args), m) for m in sent]
     res.update(setting=setting["name"], hit_rate=sum(hits) / max(1.0, sum(queries)),
+               ideal_hit_rate=ideal_hit_rate(prompts, args.block_size),
+               computed_prompt_tokens=int(sum(queries) - sum(hits)),
+               per_replica_requests=[int(x) for x in delta("tokenmill:request_success_total")],
+               preemptions=int(sum(delta("tokenmill:num_preemptions_total"))),
                per_replica_prompt_tokens=[int(x) for x in delta("tokenmill:prompt_tokens_total")],
                per_replica_hit_rate=[h / q if q else 0.0 for h, q in zip(hits, queries)],
                req_per_s=res["requests"] / res["wall_s"],
@@ -161,61 +242,90 @@ def _plot(results: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["setting"] for r in results]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(9, 2.2 * len(names)), 4.2))
-    a.bar(names, [100 * r["hit_rate"] for r in results], color="tab:blue")
+    names = [r["setting"].replace("(", "\n(") for r in results]
+    x = range(len(names))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(names)), 4.6))
+    a.bar(x, [100 * r["hit_rate"] for r in results], color="tab:blue", label="measured (workers' /metrics)")
+    a.scatter(x, [100 * r["ideal_hit_rate"] for r in results], color="black", marker="_", s=400, zorder=3,
+              label="ideal (one unbounded cache)")
     a.set_ylabel("prefix-cache hit rate (%)")
-    b.bar(names, [r["tok_per_s"] for r in results], color="tab:green")
+    a.legend(fontsize=7, loc="lower right")
+    b.bar(x, [r["tok_per_s"] for r in results], color="tab:green")
     b.set_ylabel("throughput (prompt+output tok/s)")
     for ax in (a, b):
-        ax.tick_params(axis="x", rotation=20, labelsize=8)
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def _header(dep, convs, args) -> str:
+    """Each replica's KV size against the tenants' system prompts: the regime the run is in."""
+    model = _model_name(args)
+    systems = {s for s, _ in convs}
+    sys_tokens = sum(len(_tokenize(dep.worker_urls[0], model, [{"role": "system", "content": s}])) for s in systems)
+    with urllib.request.urlopen(dep.worker_urls[0] + "/get_server_info", timeout=10) as r:
+        kv = json.load(r)["max_total_num_tokens"]
+    return (f"each replica's KV cache holds {kv} tokens; the {len(systems)} tenants' system prompts are "
+            f"{sys_tokens} tokens ({sys_tokens // max(1, len(systems))} each), so one replica holds at most "
+            f"{100 * kv / max(1, sys_tokens):.0f}% of them")
+
+
 def run(args) -> int:
     from tokenmill.commands.router import Deployment
 
-    for key in ("cache_threshold", "balance_abs_threshold", "balance_rel_threshold"):
+    for key in VARIANT_KEYS:
         setattr(args, "_default_" + key, getattr(args, key))
+    for key in ("tenants", "conversations", "turns", "concurrency", "rounds", "output_len", "system_chars",
+                "question_chars"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
+    settings = parse_settings(args.policies, args.variants)
     convs = _workload(args)
-    settings = _settings(args)
     print(f"bench router: {args.data_parallel_size} replicas, {args.tenants} tenants x {args.conversations} "
           f"conversations x {args.turns} turns ({len(convs) * args.turns} requests per setting), "
-          f"concurrency {args.concurrency}", file=sys.stderr, flush=True)
+          f"concurrency {args.concurrency}, {len(settings)} setting(s) x {args.rounds} round(s)",
+          file=sys.stderr, flush=True)
     dep = Deployment(args)
     runs: dict[str, list[dict]] = {s["name"]: [] for s in settings}
     try:
         dep.start_replicas()
+        header = _header(dep, convs, args)
+        print("bench router: " + header, file=sys.stderr, flush=True)
         for rnd in range(args.rounds):
             for s in (settings if rnd % 2 == 0 else settings[::-1]):
                 r = _run_setting(dep, s, convs, args)
                 runs[s["name"]].append(r)
-                print(f"  round {rnd + 1} {s['name']:<40} hit rate {100 * r['hit_rate']:5.1f}%  "
-                      f"{r['tok_per_s']:8.0f} tok/s  {r['req_per_s']:6.2f} req/s  errors {len(r['errors'])}  "
-                      f"prompt tokens per replica {r['per_replica_prompt_tokens']}", file=sys.stderr, flush=True)
+                print(f"  round {rnd + 1} {s['name']:<44} hit rate {100 * r['hit_rate']:5.1f}% "
+                      f"(ideal {100 * r['ideal_hit_rate']:4.1f}%) {r['tok_per_s']:7.0f} tok/s "
+                      f"{r['req_per_s']:6.2f} req/s  errors {len(r['errors'])}  preemptions {r['preemptions']}  "
+                      f"requests per replica {r['per_replica_requests']}", file=sys.stderr, flush=True)
     finally:
         dep.stop()
+    keys = ("hit_rate", "ideal_hit_rate", "tok_per_s", "req_per_s", "out_tok_per_s", "mean_latency_s",
+            "computed_prompt_tokens")
     results = []
     for name, rs in runs.items():
         n = len(rs)
-        results.append({"setting": name, "rounds": rs, **{k: sum(r[k] for r in rs) / n for k in (
-            "hit_rate", "tok_per_s", "req_per_s", "out_tok_per_s", "mean_latency_s")},
-            "errors": sum(len(r["errors"]) for r in rs)})
+        results.append({"setting": name, "rounds": rs, **{k: sum(r[k] for r in rs) / n for k in keys},
+                        "errors": sum(len(r["errors"]) for r in rs)})
     base = next((r for r in results if r["setting"] == "round_robin"), None)
-    print(f"\n{'setting':<40} {'hit rate':>9} {'tok/s':>9} {'req/s':>7} {'latency':>8}  vs round_robin")
+    print(f"\n{header}")
+    print(f"{'setting':<44} {'hit rate':>9} {'ideal':>6} {'computed':>9} {'tok/s':>7} {'req/s':>6} "
+          f"{'latency':>8}  vs round_robin")
     for r in results:
         vs = (f"hit x{r['hit_rate'] / base['hit_rate']:.2f}, tok/s x{r['tok_per_s'] / base['tok_per_s']:.2f}"
               if base and base["hit_rate"] > 0 else "")
-        print(f"{r['setting']:<40} {100 * r['hit_rate']:8.1f}% {r['tok_per_s']:9.0f} {r['req_per_s']:7.2f} "
+        print(f"{r['setting']:<44} {100 * r['hit_rate']:8.1f}% {100 * r['ideal_hit_rate']:5.1f}% "
+              f"{r['computed_prompt_tokens']:9.0f} {r['tok_per_s']:7.0f} {r['req_per_s']:6.2f} "
               f"{r['mean_latency_s']:7.2f}s  {vs}")
     if args.plot:
         _plot(results, args.plot, f"{args.data_parallel_size} replicas, {args.tenants} tenants, "
-                                  f"{len(convs)} conversations x {args.turns} turns, concurrency {args.concurrency}")
+                                  f"{len(convs)} conversations x {args.turns} turns, concurrency {args.concurrency}\n"
+                                  f"{header}")
         print(f"plot: {args.plot}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))},
-                       "results": results}, f, indent=1)
+                       "header": header, "results": results}, f, indent=1)
     return 0 if all(r["errors"] == 0 for r in results) else 1

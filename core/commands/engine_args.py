@@ -33,6 +33,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--kv-cache-memory", type=_bytes, default=None, help="KV cache size in bytes (e.g. 2GiB)")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV cache size in blocks of --block-size tokens, whatever the model (overrides --kv-cache-memory)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn automatic prefix caching off")
@@ -64,7 +66,8 @@ def engine_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                 quantization=getattr(args, "quantization", None),
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                kv_cache_memory=args.kv_cache_memory, num_blocks=getattr(args, "num_kv_blocks", None),
+                block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,
                 reference_ops=args.reference_ops, structured_output_backend=args.structured_output_backend,
                 jump_forward=args.jump_forward, tensor_parallel_size=args.tensor_parallel_size,
