@@ -20,6 +20,8 @@ class ModelConfig:
     ``max_model_len`` defaults to the checkpoint's ``max_position_embeddings``.
     ``quantization``: an online mode for a float checkpoint (``int8``, ``w8a8``, ``fp8``) or the
     checkpoint's own format; None reads the format from ``config.json`` (see :mod:`tokenmill.quant.registry`).
+    ``enforce_eager``: never capture decode steps into device graphs, even on a platform that
+    declares ``graphs`` (see :mod:`tokenmill.engine.graphs`).
     """
 
     model: str
@@ -28,8 +30,11 @@ class ModelConfig:
     tokenizer: str | None = None
     served_model_name: str | None = None
     quantization: str | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if not self.model:
             raise ValueError("model must name a local checkpoint directory")
         if self.dtype not in DTYPES:
@@ -47,6 +52,11 @@ class CacheConfig:
     ``kv_cache_budget(memory_fraction)`` decides (by default ``memory_fraction`` of the
     device's free memory; the cpu platform takes less, see ``tokenmill_cpu.platform``).
     ``num_blocks`` overrides both (tests).
+
+    ``swap_space`` (GiB per tensor-parallel rank) bounds the host memory that holds the KV
+    blocks of sequences preempted with ``preemption_mode="swap"`` (page-locked where the
+    platform declares ``pinned_memory``); ``num_swap_blocks`` overrides it (tests). Read only
+    in swap mode; when it is full, a preempted sequence is recomputed instead.
     """
 
     block_size: int = 16
@@ -54,28 +64,46 @@ class CacheConfig:
     memory_fraction: float = 0.9
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    swap_space: float = 4.0
+    num_swap_blocks: int | None = None
 
     def __post_init__(self):
         _positive("block_size", self.block_size)
         _positive("kv_cache_memory", self.kv_cache_memory, allow_none=True)
         _positive("num_blocks", self.num_blocks, allow_none=True)
+        _positive("num_swap_blocks", self.num_swap_blocks, allow_none=True)
+        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float)) \
+                or not 0 < self.swap_space <= 1024:
+            raise ValueError(f"swap_space must be a number of GiB in (0, 1024], got {self.swap_space!r}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits: sequences per step and tokens per step (chunked prefill)."""
+    """Continuous batching limits: sequences per step and tokens per step (chunked prefill).
+
+    ``preemption_mode``: what happens to a sequence preempted when the KV pool runs dry:
+    ``"recompute"`` frees its blocks and computes them again when it resumes; ``"swap"``
+    copies its blocks to host memory (``CacheConfig.swap_space``) and back when it resumes.
+    """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting: int | None = None
+    preemption_mode: str = "recompute"
 
     def __post_init__(self):
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_waiting", self.max_waiting, allow_none=True)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                             f"got {self.preemption_mode!r}")
+
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")

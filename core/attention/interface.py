@@ -117,6 +117,15 @@ class AttentionBackend:
     dtypes: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
     sliding_window: ClassVar[bool] = True
     gqa: ClassVar[bool] = True
+    #: The dimension of :meth:`kv_cache_shape` that indexes blocks (the default copies use it).
+    block_dim: ClassVar[int] = 1
+    #: Whether a decode step through :meth:`forward` may be captured into a device graph and
+    #: replayed (see :mod:`tokenmill.engine.graphs`): given the metadata of a decode step of
+    #: the captured batch size (every query length 1, ``max_query_len`` 1, ``seq_lens_cpu``
+    #: None), forward reads the step's values only from the metadata's device tensors,
+    #: with no host synchronisation and no shape that depends on them, and writes nothing
+    #: for slot ``-1``. State :meth:`prepare` builds is built once, at capture.
+    graph_capturable: ClassVar[bool] = False
 
     @classmethod
     def supports(cls, spec: AttentionSpec) -> str | None:
@@ -159,6 +168,29 @@ class AttentionBackend:
         dst = torch.tensor([c[1] for c in copies], device=kv_caches[0].device)
         for cache in kv_caches:
             cache[:, dst] = cache[:, src]
+
+    @classmethod
+    def swap_blocks(cls, src_caches: list, dst_caches: list, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole pages ``src_caches[l][block s] -> dst_caches[l][block d]`` for ``(s, d)`` in ``pairs``.
+
+        The model runner calls it to swap blocks between the device KV cache and its host
+        swap space (both of :meth:`kv_cache_shape`'s layout, with their own block counts),
+        in either direction. The default indexes blocks on :attr:`block_dim`, copies runs of
+        consecutive blocks as one slice, and does not wait: a page-locked host side makes
+        the copy asynchronous, ordered with the device's later work on the same stream.
+        """
+        if not pairs:
+            return
+        runs: list[list[int]] = []  # [src, dst, length]
+        for s, d in pairs:
+            if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+                runs[-1][2] += 1
+            else:
+                runs.append([s, d, 1])
+        dim = cls.block_dim
+        for src, dst in zip(src_caches, dst_caches):
+            for s, d, n in runs:
+                dst.narrow(dim, d, n).copy_(src.narrow(dim, s, n), non_blocking=True)
 
     @classmethod
     def prepare(cls, meta: AttentionMetadata) -> None:

@@ -38,6 +38,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn automatic prefix caching off")
+    g.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute",
+                   help="when the KV cache runs dry, preempted sequences are recomputed later (recompute) or "
+                        "their KV blocks are copied to host memory and back (swap)")
+    g.add_argument("--swap-space", type=float, default=4.0,
+                   help="GiB of host memory per rank for swapped-out KV blocks (--preemption-mode swap); "
+                        "when it is full, preempted sequences are recomputed")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="never capture decode steps into device graphs (platforms that declare graphs)")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the shared sampling generator")
     g.add_argument("--structured-output-backend", default="auto", choices=["auto", "xgrammar", "outlines"],
                    help="guided-decoding backend of requests that name none (auto: xgrammar, then outlines)")
@@ -69,6 +77,7 @@ def engine_kwargs(args) -> dict:
                 kv_cache_memory=args.kv_cache_memory, num_blocks=getattr(args, "num_kv_blocks", None),
                 block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,
+                preemption_mode=args.preemption_mode, swap_space=args.swap_space, enforce_eager=args.enforce_eager,
                 reference_ops=args.reference_ops, structured_output_backend=args.structured_output_backend,
                 jump_forward=args.jump_forward, tensor_parallel_size=args.tensor_parallel_size,
                 distributed_executor_backend=args.distributed_executor_backend,

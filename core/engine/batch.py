@@ -61,7 +61,12 @@ class SchedulerOutput:
 
     ``new_seqs`` come first: the runner registers them before it reads ``seqs``.
     ``finished`` lists the sequences that ended since the last step (the runner drops
-    their state); ``block_copies`` run before the forward.
+    their state). Before the forward, in this order, every rank copies: ``swap_out``
+    ``(device_block, host_slot)`` pairs to its host swap space (blocks of sequences
+    preempted by swap this step, which may be handed out again in the same step), then
+    ``block_copies`` ``(src, dst)`` (copy-on-write), then ``swap_in`` ``(host_slot,
+    device_block)`` pairs back (sequences resuming this step). A step that only swaps out
+    (no ``seqs``) is still executed. No step both swaps out and in.
     """
 
     seqs: list[ScheduledSeq]
@@ -71,6 +76,8 @@ class SchedulerOutput:
     finished: list[int] = field(default_factory=list)
     num_preempted: int = 0
     step_id: int = 0
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.config import EngineConfig
 from tokenmill.kv.manager import KVCacheManager
+from tokenmill.kv.swap_space import SwapSpace
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import FinishReason, Sequence
 
@@ -55,6 +56,14 @@ class EngineStats:
     steps: int = 0
     step_seconds: float = 0.0
     forward_seconds: float = 0.0
+    #: Swap mode: KV blocks copied to host and back, preemptions recomputed because the swap
+    #: space was full, and sequences swapped out now.
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    swap_space_full: int = 0
+    num_swapped: int = 0
+    #: Decode steps replayed from captured graphs (platforms declaring ``graphs``).
+    graph_replays: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -93,11 +102,16 @@ class EngineCore:
             max_needed = config.scheduler.max_num_seqs * math.ceil(max_len / bs) + 1
             num_blocks = self.executor.num_kv_blocks(max_needed)
             self.executor.allocate_kv_cache(num_blocks)
+            swap = None
+            if config.scheduler.preemption_mode == "swap":
+                num_slots = self.executor.num_swap_blocks(max_needed)
+                self.executor.allocate_swap_space(num_slots)
+                swap = SwapSpace(num_slots, bs)
         except BaseException:
             self.executor.shutdown()
             raise
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_len, swap)
         self.vocab_size = hf_config.vocab_size
         self.eos_token_id = hf_config.eos_token_id
         self._stats = EngineStats(num_blocks=num_blocks)
@@ -106,9 +120,10 @@ class EngineCore:
         self._compiling: list[tuple[Sequence, object]] = []
         self._rejected: list[tuple[str, str]] = []
         self._guided = None
-        log.info("engine: model %s on %s, %d KV blocks of %d tokens (%d tokens), backend %s, kernels %s",
-                 config.model.model, self.platform.name, num_blocks, bs, num_blocks * bs,
-                 self.runner.backend.name, self.runner.kernels.providers)
+        log.info("engine: model %s on %s, %d KV blocks of %d tokens (%d tokens), backend %s, kernels %s, "
+                 "preemption by %s%s", config.model.model, self.platform.name, num_blocks, bs, num_blocks * bs,
+                 self.runner.backend.name, self.runner.kernels.providers, config.scheduler.preemption_mode,
+                 f" ({swap.num_slots} host slots)" if swap is not None else "")
 
     @property
     def guided(self):
@@ -246,8 +261,8 @@ class EngineCore:
             self._admit_compiled()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            if plan.finished:
-                self.executor.execute(plan)  # the runner drops the finished sequences' state
+            if plan.finished or plan.swap_out:
+                self.executor.execute(plan)  # the runner drops finished states, copies swapped-out blocks
             return []
         result = self.executor.execute(plan)
         touched = self.scheduler.update(plan, result)
@@ -305,6 +320,11 @@ class EngineCore:
         s.prefix_hit_tokens = self.kv.stats.hit_tokens
         s.num_preemptions = self.scheduler.num_preemptions
         s.prompt_tokens_computed = self.scheduler.num_prompt_tokens_computed
+        swap = self.scheduler.swap
+        if swap is not None:
+            s.swapped_out_blocks, s.swapped_in_blocks = swap.blocks_out, swap.blocks_in
+            s.swap_space_full, s.num_swapped = swap.num_full, len(swap)
+        s.graph_replays = self.runner.graph_replays
         return s
 
 

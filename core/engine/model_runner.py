@@ -101,6 +101,10 @@ class ModelRunner:
                      self.buckets.describe())
         self._states: dict[int, _SeqState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        #: Host copies of swapped-out blocks, one tensor per layer (swap mode only).
+        self.swap_caches: list[torch.Tensor] = []
+        #: Decode steps replayed from captured graphs.
+        self.graph_replays = 0
 
     # -- KV cache ------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -121,6 +125,22 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
         self.kv_caches = [self.platform.allocate(shape, self.dtype) for _ in range(self.num_layers)]
+
+    def num_swap_blocks(self, max_needed: int) -> int:
+        """Host swap slots that fit ``swap_space`` GiB (``num_swap_blocks`` overrides), at most ``max_needed``."""
+        cache = self.config.cache
+        if cache.num_swap_blocks is not None:
+            return cache.num_swap_blocks
+        return int(min(int(cache.swap_space * (1 << 30)) // self.block_bytes(), max_needed))
+
+    def allocate_swap_space(self, num_slots: int) -> None:
+        """Host memory in the backend's layout for ``num_slots`` swapped-out blocks per layer, page-locked
+        through :meth:`Platform.pin_memory` (which leaves it pageable where ``pinned_memory`` is not declared)."""
+        shape = self.backend.kv_cache_shape(num_slots, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
+        self.swap_caches = [self.platform.pin_memory(torch.empty(shape, dtype=self.dtype)) for _ in range(self.num_layers)]
+        log.info("model runner: swap space of %d blocks (%.2f GiB, %s)", num_slots,
+                 num_slots * self.block_bytes() / 2**30,
+                 "page-locked" if self.platform.capabilities.pinned_memory else "pageable")
 
     # -- the persistent batch -------------------------------------------------------------------
     def _apply_plan_state(self, out: SchedulerOutput) -> None:
@@ -193,10 +213,13 @@ class ModelRunner:
     def _execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._apply_plan_state(out)
         result = RunnerOutput()
+        # the order SchedulerOutput documents: freed blocks are read before they are rewritten
+        self.backend.swap_blocks(self.kv_caches, self.swap_caches, out.swap_out)
         if out.is_empty:
             return result
         states = [self._states[item.seq_id] for item in out.seqs]
         self.backend.copy_blocks(self.kv_caches, out.block_copies)
+        self.backend.swap_blocks(self.swap_caches, self.kv_caches, out.swap_in)
         ids, positions, meta, qsl = self._build(out, states)
         t0 = time.perf_counter()
         hidden = self.model.forward(ids, positions, self.kv_caches, meta)

@@ -5,7 +5,10 @@ decode, the rest of the prompt, or a budget-sized chunk, for a prefill in progre
 then admits waiting sequences while the token budget, ``max_num_seqs`` and the KV pool
 allow. When the pool runs dry for a running sequence, the newest running sequence is
 preempted: its blocks are freed and it goes back to the head of the waiting queue to be
-recomputed later. Works on ids and counts only; never imports torch.
+recomputed later, or, with ``preemption_mode="swap"``, its computed blocks are first copied
+to host slots (:mod:`tokenmill.kv.swap_space`) and copied back into fresh blocks when it
+resumes, so nothing is recomputed (a full swap space falls back to recompute). Works on ids
+and counts only; never imports torch.
 
 Progress is guaranteed for any load whose every single sequence fits the pool (the engine
 refuses others at admission): a waiting sequence holds no blocks (its cached prefix is
@@ -24,6 +27,7 @@ from collections import deque
 from tokenmill.engine.batch import NewSeq, RunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.config import SchedulerConfig
 from tokenmill.kv.manager import KVCacheManager
+from tokenmill.kv.swap_space import SwapSpace
 from tokenmill.engine.sequence import FinishReason, Sequence, SeqStatus, new_seq_id
 
 
@@ -43,9 +47,15 @@ def _pools(seq: Sequence) -> bool:
 class Scheduler:
     """Decides, each step, which sequences run and how many tokens each computes."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 swap: SwapSpace | None = None):
+        if (config.preemption_mode == "swap") != (swap is not None):
+            raise ValueError(f"preemption_mode {config.preemption_mode!r} needs a swap space exactly in swap mode")
         self.config = config
         self.kv = kv
+        #: Host slots of swapped-out sequences (swap mode), else None.
+        self.swap = swap
+        self._swap_out: list[tuple[int, int]] = []
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -82,6 +92,8 @@ class Scheduler:
         if reason is not FinishReason.ABORT and seq.num_computed and not _pools(seq):
             self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed, seq.salt)
         self.kv.free(seq.seq_id)
+        if self.swap is not None:
+            self.swap.discard(seq.seq_id)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -94,6 +106,19 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        # A token still in flight would land in the runner's copy but not here: recompute then.
+        if self.swap is not None and not seq.num_pending and not seq.forking:
+            pairs = self.swap.swap_out(self.kv, seq.seq_id, seq.num_computed)
+            if pairs is not None:
+                self._swap_out.extend(pairs)
+                # The runner keeps its state (tokens, generator, grammar) and its stale table,
+                # which the next step's block-table change replaces.
+                seq.num_scheduled = seq.num_computed
+                seq.status = SeqStatus.WAITING
+                seq.num_preemptions += 1
+                self.num_preemptions += 1
+                self.waiting.appendleft(seq)
+                return
         self.kv.free(seq.seq_id)
         seq.num_computed = seq.num_scheduled = seq.num_pending = 0
         seq.status = SeqStatus.WAITING
@@ -146,9 +171,33 @@ class Scheduler:
         # same block (a shared prefix nobody has cached yet) waits one step and reuses it instead.
         inflight = {self._next_block_key(seq, start) for seq, start in prompt_starts}
         admitted = []
+        swap_in: list[tuple[int, int]] = []
+        # A step that swapped out admits nothing, so no step both copies blocks out and in.
         for seq in list(self.waiting) if not preempted else []:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if self.swap is not None and self.swap.holds(seq.seq_id):
+                remaining = seq.num_tokens - seq.num_computed
+                num_new = min(remaining, budget)
+                cost = self.swap.swap_in_cost(self.kv, seq.seq_id, seq.num_computed + num_new)
+                if cost > self.kv.num_free_blocks:
+                    if not self.running and not scheduled:
+                        raise RuntimeError(f"KV cache too small: {self.kv.num_blocks} blocks of "
+                                           f"{self.kv.block_size} tokens cannot hold one sequence of "
+                                           f"{seq.num_tokens} tokens")
+                    break
+                pairs = self.swap.swap_in(self.kv, seq.seq_id, seq.num_computed)
+                assert pairs is not None, "swap_in_cost promised blocks that swap_in could not find"
+                swap_in.extend(pairs)
+                got = self.kv.allocate(seq.seq_id, seq.num_scheduled, num_new)
+                assert got is not None, "swap_in_cost promised blocks that allocate could not find"
+                copies.extend(got)
+                admitted.append(seq)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                scheduled.append(self._scheduled(seq, num_new, new_seqs))
+                budget -= num_new
+                continue
             # A waiting sequence holds no blocks: its cached prefix is attached only once it is sure
             # to be admitted, so the waiting queue can never pin the pool that running ones need.
             use_prefix = not self._needs_every_position(seq)
@@ -186,8 +235,9 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in chosen)
 
         finished, self._finished = self._finished, []
+        swap_out, self._swap_out = self._swap_out, []
         return SchedulerOutput(scheduled, sum(item.num_new for item in scheduled), new_seqs, copies, finished,
-                               preempted)
+                               preempted, swap_out=swap_out, swap_in=swap_in)
 
     def _done_when_pending_lands(self, seq: Sequence) -> bool:
         """A token in flight will end ``seq`` by length: scheduling it again would be wasted."""

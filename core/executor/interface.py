@@ -33,6 +33,14 @@ class Executor:
         """Allocate ``num_blocks`` blocks on every rank (each rank holds its own KV heads)."""
         self._all("allocate_kv_cache", num_blocks)
 
+    def num_swap_blocks(self, max_needed: int) -> int:
+        """Host swap slots every rank can hold (``swap_space`` over its block size), at most ``max_needed``."""
+        return self._all("num_swap_blocks", max_needed)
+
+    def allocate_swap_space(self, num_slots: int) -> None:
+        """Allocate ``num_slots`` host blocks on every rank for swapped-out KV (its own shard)."""
+        self._all("allocate_swap_space", num_slots)
+
     def execute(self, plan):
         """Run one step on every rank; returns rank 0's ``RunnerOutput``. Raises :class:`RankDied`."""
         return self._all("execute", plan)

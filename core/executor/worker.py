@@ -46,6 +46,13 @@ class Worker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
+    def num_swap_blocks(self, max_needed: int) -> int:
+        """The swap space every rank can hold: the smallest of the ranks' (collective)."""
+        return self.tp.min_int(self.runner.num_swap_blocks(max_needed))
+
+    def allocate_swap_space(self, num_slots: int) -> None:
+        self.runner.allocate_swap_space(num_slots)
+
     def execute(self, plan):
         return self.runner.execute(plan)
 

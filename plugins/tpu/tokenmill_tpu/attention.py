@@ -105,6 +105,8 @@ class XlaPagedAttention(AttentionBackend):
     sliding_window = True
     gqa = True
 
+    block_dim = 0
+
     @classmethod
     def kv_cache_shape(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
         return (num_blocks, block_size, 2 * num_kv_heads, head_size)
