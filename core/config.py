@@ -86,6 +86,11 @@ class SchedulerConfig:
     ``preemption_mode``: what happens to a sequence preempted when the KV pool runs dry:
     ``"recompute"`` frees its blocks and computes them again when it resumes; ``"swap"``
     copies its blocks to host memory (``CacheConfig.swap_space``) and back when it resumes.
+
+    ``overlap``: schedule step N+1 while step N runs and apply N's results while N+1 runs
+    (SGLang's overlap scheduler, vLLM's async scheduling); the output is the same as without.
+    With ``preemption_mode="swap"`` the engine steps without overlap: a sequence swapped out
+    while its step runs would need that step's KV and sample undone on the host copy.
     """
 
     max_num_seqs: int = 256
@@ -93,6 +98,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting: int | None = None
     preemption_mode: str = "recompute"
+    overlap: bool = True
 
     def __post_init__(self):
         _positive("max_num_seqs", self.max_num_seqs)

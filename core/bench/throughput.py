@@ -1,7 +1,8 @@
 """``tokenmill bench throughput``: output tokens/s on a workload, tokenmill and its peers side by side.
 
 Each engine runs in a fresh subprocess; only the generate call after the warm-up is timed.
-Peers: HF transformers (``--compare hf``), the core's reference ops (``--compare reference``)
+Peers: HF transformers (``--compare hf``), the core's reference ops (``--compare reference``),
+tokenmill without the overlap scheduler (``--compare no-overlap``)
 and vLLM-CPU from its own environment (``--against-vllm PYTHON``). ``--pairs N`` repeats the
 round of engines N times interleaved (tokenmill, vLLM, tokenmill, vLLM, ...) so a noisy machine
 shows up in the ratios; ``--sweep-prompts 16,64,256`` runs every engine at each number of
@@ -33,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="workload seed")
-    p.add_argument("--compare", action="append", default=[], choices=["hf", "reference"],
-                   help="also run HF transformers generate (hf) or tokenmill on the core's reference "
-                        "ops and attention (reference) on the same prompts; repeatable")
+    p.add_argument("--compare", action="append", default=[], choices=["hf", "reference", "no-overlap"],
+                   help="also run HF transformers generate (hf), tokenmill on the core's reference ops and "
+                        "attention (reference) or tokenmill with --no-overlap (no-overlap) on the same prompts; "
+                        "repeatable")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--against-vllm", default=None, metavar="PYTHON",
                    help="also run vLLM-CPU with this interpreter (its own venv), with its best CPU setup")
@@ -82,6 +84,8 @@ def _run_tokenmill(args, model: str) -> dict:
     return {"engine": "tokenmill", "workload": wl.name, "prompts": len(wl.prompts), "prompt_tokens": wl.prompt_tokens,
             "output_tokens": n_out, "seconds": elapsed, "output_tok_s": n_out / elapsed,
             "steps": st.steps - steps0, "outside_forward_share": 1 - (st.forward_seconds - fwd0) / step_s if step_s else 0,
+            # wall time not covered by a running forward: what overlap scheduling hides
+            "exposed_outside_forward_s": max(0.0, elapsed - (st.forward_seconds - fwd0)),
             "loop_outside_steps_s": elapsed - step_s, "platform": llm.engine.platform.name,
             "kernels": llm.engine.runner.kernels.providers, "attention": llm.engine.runner.backend.name,
             "first_tokens": outs[0].outputs[0].token_ids[:8], "outputs_sha": _outputs_sha(outs),
@@ -188,8 +192,11 @@ def run(args) -> int:
             model, args.dtype, args.quantization = spec["model"], spec["dtype"], spec["quantization"]
         if args._worker == "reference":
             args.reference_ops = True
+        if args._worker == "no-overlap":
+            args.overlap = False
         result = _run_hf(args, model) if args._worker == "hf" else _run_tokenmill(args, model)
-        result["engine"] = {"tokenmill": "tokenmill", "reference": "tm-reference"}.get(args._worker, result["engine"])
+        result["engine"] = {"tokenmill": "tokenmill", "reference": "tm-reference",
+                            "no-overlap": "tm-no-overlap"}.get(args._worker, result["engine"])
         print(json.dumps(result))
         return 0
     argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]
@@ -230,6 +237,10 @@ def run(args) -> int:
     tm = results[0]
     print(f"\ntokenmill: {tm['steps']} steps, {tm['outside_forward_share']:.1%} of step time outside the model "
           f"forward; platform {tm['platform']}, attention {tm['attention']}")
+    for r in results:
+        if "exposed_outside_forward_s" in r:
+            print(f"{r['engine']}: {r['exposed_outside_forward_s']:.3f} s of {r['seconds']:.3f} s wall with no forward "
+                  f"running ({r['exposed_outside_forward_s'] / r['seconds']:.1%})")
     for r in results:
         if r["engine"] == "tokenmill" or r["prompts"] != tm["prompts"]:
             continue

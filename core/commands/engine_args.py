@@ -46,6 +46,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "when it is full, preempted sequences are recomputed")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture decode steps into device graphs (platforms that declare graphs)")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="schedule each step only after the previous one finished (default: step N+1 is scheduled "
+                        "while step N runs, and N's results are applied while N+1 runs)")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the shared sampling generator")
     g.add_argument("--structured-output-backend", default="auto", choices=["auto", "xgrammar", "outlines"],
                    help="guided-decoding backend of requests that name none (auto: xgrammar, then outlines)")
@@ -76,7 +79,7 @@ def engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, num_blocks=getattr(args, "num_kv_blocks", None),
                 block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed,
+                enable_prefix_caching=args.enable_prefix_caching, seed=args.engine_seed, overlap=args.overlap,
                 preemption_mode=args.preemption_mode, swap_space=args.swap_space, enforce_eager=args.enforce_eager,
                 reference_ops=args.reference_ops, structured_output_backend=args.structured_output_backend,
                 jump_forward=args.jump_forward, tensor_parallel_size=args.tensor_parallel_size,

@@ -120,6 +120,9 @@ class EngineCore:
         self._compiling: list[tuple[Sequence, object]] = []
         self._rejected: list[tuple[str, str]] = []
         self._guided = None
+        #: With overlap: the step launched and not yet applied, ``(plan, future)``.
+        self._inflight = None
+        self._overlap = config.scheduler.overlap and config.scheduler.preemption_mode == "recompute"
         log.info("engine: model %s on %s, %d KV blocks of %d tokens (%d tokens), backend %s, kernels %s, "
                  "preemption by %s%s", config.model.model, self.platform.name, num_blocks, bs, num_blocks * bs,
                  self.runner.backend.name, self.runner.kernels.providers, config.scheduler.preemption_mode,
@@ -232,6 +235,7 @@ class EngineCore:
 
     def abort_all(self) -> list[str]:
         """Abort every request (after a failed step); returns their ids. Frees every block they held."""
+        self.drain()
         ids = list(self._seqs)
         for request_id in ids:
             self.abort(request_id)
@@ -252,19 +256,63 @@ class EngineCore:
             del self._seqs[request_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self._compiling) or self.scheduler.has_unfinished()
+        return bool(self._compiling) or self._inflight is not None or self.scheduler.has_unfinished()
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
+        """Run one step; returns what it produced for the frontend.
+
+        With ``overlap`` (the default), the step that was launched by the previous call is in
+        flight: the next plan is scheduled while it runs, launched as soon as it finishes, and
+        the finished step's results are applied (and returned) while the next one runs. The
+        scheduler's pending counts make this safe (a token in flight is decoded next, by the
+        runner from its own sample; results of sequences that ended meanwhile are dropped).
+        Steps whose results decide the next plan's shape (forking n>1 children, constrained
+        sequences whose grammar may jump forward or end them) are applied before scheduling."""
         t0 = time.perf_counter()
         if self._compiling:
             self._admit_compiled()
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            if plan.finished or plan.swap_out:
-                self.executor.execute(plan)  # the runner drops finished states, copies swapped-out blocks
-            return []
-        result = self.executor.execute(plan)
+        if not self._overlap:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                if plan.finished or plan.swap_out:
+                    self.executor.execute(plan)  # the runner drops finished states, copies swapped-out blocks
+                return []
+            return self._apply(plan, self.executor.execute(plan), t0)
+        if self._inflight is None:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                if plan.finished:  # nothing to overlap with: deliver the finished ids now
+                    self.executor.submit(plan).result()
+                return []
+            self._inflight = (plan, self.executor.submit(plan))
+        plan, future = self._inflight
+        self._inflight = None
+        nxt = self.scheduler.schedule() if self._overlappable(plan) else None
+        try:
+            result = future.result()
+        except BaseException:
+            if nxt is not None:  # never launched: its finished ids still have to reach the runner
+                self.scheduler.requeue_finished(nxt.finished)
+            raise
+        if nxt is not None and not nxt.is_empty:
+            self._inflight = (nxt, self.executor.submit(nxt))
+        elif nxt is not None and nxt.finished:  # nothing left to overlap with: deliver the finished ids now
+            self.executor.submit(nxt).result()
+        return self._apply(plan, result, t0)
+
+    def _overlappable(self, plan) -> bool:
+        """Whether the plan after ``plan`` may be scheduled before ``plan``'s results are in."""
+        for item in plan.seqs:
+            if item.child_seq_ids:
+                return False
+            seq = self.scheduler.live(item.seq_id)
+            if seq is not None and getattr(seq.params, "structured_outputs", None) is not None:
+                return False
+        return True
+
+    def _apply(self, plan, result, t0: float) -> list[SeqUpdate]:
+        """Fold one finished step's results into the scheduler; the frontend's updates."""
         touched = self.scheduler.update(plan, result)
         if result.guided_done or result.jump:
             self._apply_guided(touched, result)
@@ -288,6 +336,16 @@ class EngineCore:
         self._stats.step_seconds += time.perf_counter() - t0
         return updates
 
+    def drain(self) -> None:
+        """Wait for the step in flight (overlap) and drop its results: after a failure, or before shutdown."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self.scheduler.requeue_finished(inflight[0].finished)
+            try:
+                inflight[1].result()
+            except BaseException:  # the step's own failure was or will be reported by step()
+                pass
+
     def _apply_guided(self, touched, result) -> None:
         """Grammar terminations end their sequences; jump-forward tokens replace the sampled one
         (the next step computes them as one chunk), cut at the request's length limits."""
@@ -308,6 +366,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one rank); safe to call twice."""
+        self.drain()
+        self.executor.close_step_thread()
         self.executor.shutdown()
 
     def stats(self) -> EngineStats:

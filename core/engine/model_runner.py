@@ -152,6 +152,8 @@ class ModelRunner:
             st = self._states[ns.seq_id] = _SeqState(ns.request_id, ns.index, list(ns.token_ids),
                                                      ns.num_prompt_tokens, ns.params, ns.eos_token_id, [],
                                                      old.generator if old else None)
+            if old is not None and old.gen_saved is not None and old.gen_saved[0] == len(st.token_ids):
+                st.generator.set_state(old.gen_saved[1])  # its last sample was dropped: draw it again
             # only rank 0 masks and samples; the other ranks receive its tokens (jump-forward is off with TP)
             if getattr(ns.params, "structured_outputs", None) is not None and self.tp.rank == 0:
                 # after a preemption the matcher survives if it followed the same tokens; else replay them
@@ -255,6 +257,8 @@ class ModelRunner:
         for item, st in items:
             if st.generator is None and st.params.seed is not None:
                 st.generator = self._generator(st, st.index)
+            if st.generator is not None:
+                st.gen_saved = (len(st.token_ids), st.generator.get_state())
             history = st.params.repetition_penalty != 1.0 or st.params.presence_penalty != 0.0 \
                 or st.params.frequency_penalty != 0.0
             out_ids = st.token_ids[st.num_prompt_tokens:] if history else ()
@@ -351,3 +355,6 @@ class _SeqState:
     #: The structured-output state, a GuidedSeq (None: unconstrained).
     guided: object = None
     pool_sum: torch.Tensor | None = None
+    #: ``(len(token_ids), generator state)`` before the latest seeded sample, to undo that draw
+    #: when the engine discards the sample (overlap: the sequence was preempted while it ran).
+    gen_saved: tuple | None = None

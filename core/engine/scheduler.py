@@ -65,11 +65,23 @@ class Scheduler:
         self.num_preemptions = 0
         #: Prompt tokens handed to the model (the rest came from the prefix cache).
         self.num_prompt_tokens_computed = 0
+        # First-block keys the latest plan computes, until update() applies it: with overlap the
+        # next plan is made before then, and must not recompute those blocks either.
+        self._unapplied_keys: set = set()
+        self._unapplied_plan: SchedulerOutput | None = None
 
     # -- queue management --------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
         self._live[seq.seq_id] = seq
+
+    def live(self, seq_id: int) -> Sequence | None:
+        """The live sequence with this id (None once it finished or was never known)."""
+        return self._live.get(seq_id)
+
+    def requeue_finished(self, seq_ids: list[int]) -> None:
+        """Finished ids from a plan that never reached the runner: send them with the next plan."""
+        self._finished.extend(seq_ids)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -170,6 +182,7 @@ class Scheduler:
         # Blocks being computed this step, so that a waiting sequence that would compute the
         # same block (a shared prefix nobody has cached yet) waits one step and reuses it instead.
         inflight = {self._next_block_key(seq, start) for seq, start in prompt_starts}
+        earlier = self._unapplied_keys
         admitted = []
         swap_in: list[tuple[int, int]] = []
         # A step that swapped out admits nothing, so no step both copies blocks out and in.
@@ -202,9 +215,10 @@ class Scheduler:
             # to be admitted, so the waiting queue can never pin the pool that running ones need.
             use_prefix = not self._needs_every_position(seq)
             hit = self.kv.admission_cost(seq.token_ids, seq.salt, 0, use_prefix)[0]
-            if inflight and self.kv.enable_prefix_caching and use_prefix \
-                    and self._next_block_key(seq, hit) in inflight:
-                continue
+            if (inflight or earlier) and self.kv.enable_prefix_caching and use_prefix:
+                key = self._next_block_key(seq, hit)
+                if key in inflight or key in earlier:
+                    continue
             remaining = seq.num_tokens - hit
             num_new = min(remaining, budget)
             # Without chunked prefill a prompt runs in one step (admission refused longer ones); a
@@ -236,8 +250,10 @@ class Scheduler:
 
         finished, self._finished = self._finished, []
         swap_out, self._swap_out = self._swap_out, []
-        return SchedulerOutput(scheduled, sum(item.num_new for item in scheduled), new_seqs, copies, finished,
-                               preempted, swap_out=swap_out, swap_in=swap_in)
+        out = SchedulerOutput(scheduled, sum(item.num_new for item in scheduled), new_seqs, copies, finished,
+                              preempted, swap_out=swap_out, swap_in=swap_in)
+        self._unapplied_keys, self._unapplied_plan = inflight, out
+        return out
 
     def _done_when_pending_lands(self, seq: Sequence) -> bool:
         """A token in flight will end ``seq`` by length: scheduling it again would be wasted."""
@@ -293,6 +309,8 @@ class Scheduler:
         ``first_new`` on are new this step; ``forked`` marks a child created by this step. Entries of sequences that finished or were preempted since the
         step was scheduled are skipped (their results are stale).
         """
+        if out is self._unapplied_plan:
+            self._unapplied_keys, self._unapplied_plan = set(), None
         touched = []
         for item in out.seqs:
             seq = self._live.get(item.seq_id)

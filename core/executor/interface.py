@@ -45,6 +45,26 @@ class Executor:
         """Run one step on every rank; returns rank 0's ``RunnerOutput``. Raises :class:`RankDied`."""
         return self._all("execute", plan)
 
+    def submit(self, plan):
+        """Start :meth:`execute` of ``plan`` on the executor's step thread; returns a ``Future``.
+
+        Steps submitted run one at a time in submission order (the runner applies each plan to
+        its per-sequence state), so the overlap scheduler can prepare the next plan meanwhile.
+        Mixing :meth:`execute` and :meth:`submit` is only safe once every submitted step is done."""
+        pool = getattr(self, "_step_thread", None)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-step")
+        return pool.submit(self.execute, plan)
+
+    def close_step_thread(self) -> None:
+        """Wait for submitted steps and stop the step thread (a later :meth:`submit` starts a new one)."""
+        pool = getattr(self, "_step_thread", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._step_thread = None
+
     def check_health(self) -> None:
         """Raise :class:`RankDied` when a rank is gone (cheap; the engine calls it before each step)."""
 
