@@ -114,3 +114,9 @@ def test_no_overlap_flag_reaches_the_engine():
     add_engine_arguments(p)
     assert engine_kwargs(p.parse_args([]))["overlap"] is True
     assert engine_kwargs(p.parse_args(["--no-overlap"]))["overlap"] is False
+
+
+def test_swap_preemption_steps_without_overlap(model):
+    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, preemption_mode="swap")
+    assert llm.engine._overlap is False  # documented: swapping a sequence whose step is in flight is not undone
+    assert LLM(model, device="cpu", dtype="float32", max_model_len=256).engine._overlap is True
