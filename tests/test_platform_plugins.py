@@ -162,7 +162,7 @@ def fake_ipex(tmp_path, monkeypatch):
 
 def test_xpu_describe_reports_ipex_without_importing_it(fake_ipex):
     facts = XpuPlatform().describe()
-    assert facts["ipex"] == fake_ipex and facts["ipex_matches_torch"] is True
+    assert facts["ipex"] == fake_ipex and facts["ipex_matches_torch"] is True and facts["ipex_for_xpu"] is True
     assert "intel_extension_for_pytorch" not in sys.modules
     assert ipex_status("1.0.0")["ipex_matches_torch"] is False
 
@@ -171,7 +171,7 @@ def test_xpu_without_ipex(monkeypatch):
     from tokenmill_xpu import platform as xpu_platform
 
     monkeypatch.setattr(xpu_platform, "IPEX_MODULE", "intel_extension_for_pytorch_not_here")
-    assert ipex_status(torch.__version__) == {"ipex": None, "ipex_matches_torch": None}
+    assert ipex_status(torch.__version__) == {"ipex": None, "ipex_matches_torch": None, "ipex_for_xpu": None}
 
 
 def test_xpu_memory_and_devices_come_from_torch_xpu(monkeypatch):

@@ -35,7 +35,9 @@ def _ipex_registrations():
 
 
 def test_without_ipex_nothing_of_ipex_registers(fresh, monkeypatch):
-    monkeypatch.setattr(ipex_ops, "IPEX_MODULE", "intel_extension_for_pytorch_not_here")
+    from tokenmill_xpu import platform as xpu_platform
+
+    monkeypatch.setattr(xpu_platform, "IPEX_MODULE", "intel_extension_for_pytorch_not_here")
     assert ipex_ops.xpu_ipex_status()[1].startswith("intel-extension-for-pytorch is not installed")
     assert _ipex_registrations() == ([], [])
 

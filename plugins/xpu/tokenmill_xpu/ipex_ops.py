@@ -19,34 +19,29 @@ the real ops against the reference wherever an XPU is present.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-from importlib import metadata
 
 from tokenmill.attention.interface import AttentionBackend, AttentionMetadata
 
 log = logging.getLogger(__name__)
-IPEX_MODULE, IPEX_DIST = "intel_extension_for_pytorch", "intel-extension-for-pytorch"
 _loaded: dict = {}
-
-
-def _major_minor(version: str) -> tuple[str, ...]:
-    return tuple(version.split("+", 1)[0].split(".")[:2])
 
 
 def xpu_ipex_status() -> tuple[bool, str]:
     """``(usable, reason)`` for IPEX on the xpu platform."""
-    if importlib.util.find_spec(IPEX_MODULE) is None:
-        return False, "intel-extension-for-pytorch is not installed; the shared Triton kernels or the reference serve"
-    try:
-        version = metadata.version(IPEX_DIST)
-    except metadata.PackageNotFoundError:
-        return False, "intel-extension-for-pytorch found without package metadata; skipped"
-    if "xpu" not in version.partition("+")[2]:
-        return False, f"intel-extension-for-pytorch {version} is not the XPU build; skipped on xpu"
     import torch
 
-    if _major_minor(version) != _major_minor(torch.__version__):
+    from tokenmill_xpu.platform import ipex_status
+
+    facts = ipex_status(torch.__version__)
+    version = facts["ipex"]
+    if version is None:
+        return False, "intel-extension-for-pytorch is not installed; the shared Triton kernels or the reference serve"
+    if facts["ipex_for_xpu"] is None:
+        return False, "intel-extension-for-pytorch found without package metadata; skipped"
+    if not facts["ipex_for_xpu"]:
+        return False, f"intel-extension-for-pytorch {version} is not the XPU build; skipped on xpu"
+    if not facts["ipex_matches_torch"]:
         return False, f"intel-extension-for-pytorch {version} does not match torch {torch.__version__}; skipped"
     if "result" not in _loaded:
         try:

@@ -23,15 +23,16 @@ def _major_minor(version: str) -> tuple[str, ...]:
 
 
 def ipex_status(torch_version: str | None) -> dict:
-    """Whether IPEX is importable and whether its major.minor matches torch's (IPEX's own rule)."""
+    """Whether IPEX is installed, whether its major.minor matches torch's (IPEX's own rule), and
+    whether it is the XPU build (``+xpu`` in its version; the CPU build serves the cpu plugin)."""
     if importlib.util.find_spec(IPEX_MODULE) is None:
-        return {"ipex": None, "ipex_matches_torch": None}
+        return {"ipex": None, "ipex_matches_torch": None, "ipex_for_xpu": None}
     try:
         version = metadata.version(IPEX_DIST)
     except metadata.PackageNotFoundError:
-        return {"ipex": "unknown version", "ipex_matches_torch": None}
+        return {"ipex": "unknown version", "ipex_matches_torch": None, "ipex_for_xpu": None}
     matches = None if torch_version is None else _major_minor(version) == _major_minor(torch_version)
-    return {"ipex": version, "ipex_matches_torch": matches}
+    return {"ipex": version, "ipex_matches_torch": matches, "ipex_for_xpu": "xpu" in version.partition("+")[2]}
 
 
 class XpuPlatform(AcceleratorPlatform):
