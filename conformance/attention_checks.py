@@ -252,6 +252,46 @@ def copy_blocks_check(backend: type, device, dtype: str, seed: int = 0) -> str:
     return "copied pages attend like the originals"
 
 
+def swap_blocks_check(backend: type, device, dtype: str, seed: int = 0) -> str:
+    """``swap_blocks`` to a host cache and back into other pages: a decode over them equals one over the originals."""
+    import torch
+
+    spec = AttentionSpec(4, KV_HEADS, 64, dtype)
+    if backend.supports(spec):
+        raise Skip(f"declared unsupported: {backend.supports(spec)}")
+    gen = torch.Generator().manual_seed(seed)
+    bs, hk, d, ctx = 16, KV_HEADS, 64, 32
+    tdtype = getattr(torch, dtype)
+    cache = torch.zeros(backend.kv_cache_shape(8, bs, hk, d), dtype=tdtype, device=device)
+    host = torch.zeros(backend.kv_cache_shape(4, bs, hk, d), dtype=tdtype)
+    tested = backend(spec)
+
+    def step(tables, qlen, slen, slots, q, k, v):
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([i * qlen for i in range(len(tables) + 1)], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([slen] * len(tables), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_query_len=qlen, max_seq_len=slen, query_lens_cpu=[qlen] * len(tables),
+            seq_lens_cpu=[slen] * len(tables), block_size=bs)
+        backend.prepare(meta)
+        return tested.forward(q, k, v, cache, meta)
+
+    r = lambda n, heads: torch.randn(n, heads, d, generator=gen).to(device=device, dtype=tdtype)  # noqa: E731
+    step([[5, 1, 6]], ctx, ctx, [5 * bs + i for i in range(bs)] + [1 * bs + i for i in range(bs)],
+         r(ctx, 4), r(ctx, hk), r(ctx, hk))
+    q, k, v = r(1, 4), r(1, hk), r(1, hk)
+    want = step([[5, 1, 6]], 1, ctx + 1, [6 * bs], q, k, v)
+    backend.swap_blocks([cache], [host], [(5, 2), (1, 3)])  # out (non-consecutive: two runs)
+    garbage = torch.randn(cache.shape, generator=gen).to(device=device, dtype=tdtype) * 100
+    cache.copy_(garbage)  # the freed pages are reused by others
+    backend.swap_blocks([host], [cache], [(2, 0), (3, 7)])  # back, into other pages
+    got = step([[0, 7, 4]], 1, ctx + 1, [4 * bs], q, k, v)
+    atol, rtol = attention_tolerance(dtype)
+    compare("decode over pages swapped out and back vs over the originals", got, want, atol, rtol)
+    return "pages swapped to a host cache and back attend like the originals"
+
+
 def refusal_specs(backend: type, dtypes_known=("float32", "float16", "bfloat16")) -> list[tuple[str, AttentionSpec]]:
     """Configurations outside ``backend``'s declaration, each with what makes it so."""
     out = []
@@ -336,6 +376,9 @@ def attention_checks(target, platform_name: str, device, device_skip: str | None
             checks.append(Check(f"{prefix}/{mine[0]}/copy-blocks", "attention",
                                 "copy_blocks duplicates pages",
                                 needs_device(lambda b=backend, dt=mine[0]: copy_blocks_check(b, device, dt))))
+            checks.append(Check(f"{prefix}/{mine[0]}/swap-blocks", "attention",
+                                "swap_blocks copies pages to a host cache and back (--preemption-mode swap)",
+                                needs_device(lambda b=backend, dt=mine[0]: swap_blocks_check(b, device, dt))))
         for what, spec in refusal_specs(backend):
             checks.append(Check(f"refusal/{platform_name}/{bname}/{what.replace(' ', '-')}", "refusal",
                                 f"supports() refuses {what} with a reason",

@@ -207,6 +207,93 @@ def static_shape_check(target, platform, arch: str = MODELS[0]) -> str:
             f"W again: {second} new")
 
 
+def graph_check(target, platform, arch: str = MODELS[0]) -> str:
+    """The engine with decode graphs against the same engine with ``enforce_eager``: same tokens.
+
+    Fails when the platform declares ``graphs`` but no decode step was replayed (the reason
+    the runner gives), or a capture failed.
+    """
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.engine_core import EngineCore
+    from tokenmill.models.loader import load_config
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    dtype_name = "float32" if "float32" in platform.capabilities.dtypes else platform.capabilities.dtypes[0]
+    prompts = _prompts(load_config(path).vocab_size)
+    # different lengths, so the decode batch shrinks (3, 2, 1) and several buckets replay
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS - 3 * i, ignore_eos=True)
+              for i in range(len(prompts))]
+
+    def run(eager: bool):
+        config = EngineConfig.from_kwargs(str(path), device=platform.name, dtype=dtype_name, block_size=BLOCK_SIZE,
+                                          max_num_batched_tokens=CHUNK * 2, max_num_seqs=4, kv_cache_memory=16 << 20,
+                                          max_model_len=256, enforce_eager=eager)
+        engine = EngineCore(config, plugin_manager=target.pm)
+        tokens = {str(i): [] for i in range(len(prompts))}
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params[i])
+        while engine.has_unfinished():
+            for u in engine.step():
+                tokens[u.request_id].extend(u.new_token_ids)
+        return engine, tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
+
+    eager_engine, want = run(True)
+    engine, got = run(False)
+    graphs = engine.runner.graphs
+    assert graphs is not None, f"graphs declared but decode steps run eagerly: {engine.runner.graphs_off}"
+    assert graphs.failed is None, f"capturing a decode graph failed: {graphs.failed}"
+    assert graphs.replays > 0, "graphs declared but no decode step was replayed"
+    assert got == want, f"replayed decode steps changed the tokens: {_describe_mismatch(got, want)}"
+    ref = tuple(tuple(t[:p.max_tokens]) for t, p in zip(reference_tokens(arch, dtype_name), params))
+    assert got == ref, f"decode graphs vs the reference platform: {_describe_mismatch(got, ref)}"
+    return (f"{graphs.replays} of {engine.stats().steps} steps replayed from graphs captured at batch sizes "
+            f"{sorted(graphs.graphs)} (attention {engine.runner.backend.name}); {sum(map(len, got))} greedy tokens "
+            f"identical to the eager engine's ({eager_engine.stats().graph_replays} replays there) and the reference's")
+
+
+def swap_check(target, platform, arch: str = MODELS[0]) -> str:
+    """Preemption by swap on the platform: a pool too small for the batch, the reference's tokens.
+
+    Blocks must actually go to the host swap space and back, and that space must be
+    page-locked when the platform declares ``pinned_memory``.
+    """
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.engine_core import EngineCore
+    from tokenmill.models.loader import load_config
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    dtype_name = "float32" if "float32" in platform.capabilities.dtypes else platform.capabilities.dtypes[0]
+    # 18 blocks of 4 tokens: the three prompts (5, 19, 40 tokens) start together in 17 and grow to 23
+    config = EngineConfig.from_kwargs(str(path), device=platform.name, dtype=dtype_name, block_size=4,
+                                      max_num_batched_tokens=sum(PROMPT_LENS), num_blocks=18, max_model_len=256,
+                                      enable_prefix_caching=False, preemption_mode="swap", num_swap_blocks=16)
+    engine = EngineCore(config, plugin_manager=target.pm)
+    prompts = _prompts(load_config(path).vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    tokens = {str(i): [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    while engine.has_unfinished():
+        for u in engine.step():
+            tokens[u.request_id].extend(u.new_token_ids)
+    got = tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
+    want = reference_tokens(arch, dtype_name)
+    assert got == want, f"with preemption by swap: {_describe_mismatch(got, want)}"
+    stats = engine.stats()
+    assert stats.swapped_out_blocks > 0, "the 18-block pool was meant to swap sequences out"
+    assert stats.swapped_in_blocks == stats.swapped_out_blocks and stats.num_swapped == 0
+    pinned = engine.runner.swap_caches[0].is_pinned()
+    if platform.capabilities.pinned_memory:
+        assert pinned, "pinned_memory declared but the swap space is not page-locked"
+    return (f"{stats.num_preemptions} preemptions, {stats.swapped_out_blocks} blocks swapped out and back "
+            f"({'page-locked' if pinned else 'pageable'} host memory); {sum(map(len, got))} greedy tokens "
+            f"identical to the reference's")
+
+
 def e2e_checks(target, platform, platform_name: str, device, device_skip: str | None, dtypes: list[str]) -> list[Check]:
     """The end-to-end checks for ``platform_name``: simple loop per tiny model, plus the engine when it can run."""
     dtype_name = "float32" if "float32" in dtypes else (dtypes[0] if dtypes else None)
@@ -236,4 +323,14 @@ def e2e_checks(target, platform, platform_name: str, device, device_skip: str | 
 
     checks.append(Check(f"e2e/{platform_name}/engine-{MODELS[0]}", "e2e",
                         "the engine on this platform generates the reference's greedy tokens", engine))
+
+    def swap():
+        if target.interpret:
+            raise Skip("interpreter mode: the engine runs on the platform's device, which is not used here")
+        if platform is None or not platform.availability():
+            raise Skip(f"platform {platform_name} is not available here")
+        return swap_check(target, platform)
+
+    checks.append(Check(f"e2e/{platform_name}/swap-{MODELS[0]}", "e2e",
+                        "preemption by swap (--preemption-mode swap) keeps the reference's greedy tokens", swap))
     return checks

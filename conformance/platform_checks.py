@@ -151,7 +151,9 @@ def platform_checks(target, platform) -> list[Check]:
         y = platform.pin_memory(x)
         assert torch.equal(y.cpu(), x), "pin_memory() changed the values"
         assert y.is_pinned(), "pinned_memory declared but pin_memory() did not return a pinned tensor"
-        return "pin_memory() returns page-locked host memory"
+        from tokenmill.conformance.e2e_checks import swap_check
+
+        return "pin_memory() returns page-locked host memory; " + swap_check(target, platform)
 
     def graphs():
         if not platform.capabilities.graphs:
@@ -166,7 +168,9 @@ def platform_checks(target, platform) -> list[Check]:
             platform.synchronize()
             assert out.cpu().tolist() == [2.0 * (i + step) + 1 for i in range(8)], \
                 "a replayed graph computed the wrong values"
-        return "captured once through capture_graph() and replayed on new inputs"
+        from tokenmill.conformance.e2e_checks import graph_check
+
+        return "capture_graph() replays on new inputs; " + graph_check(target, platform)
 
     def static_shapes():
         flag = platform.capabilities.static_shapes
@@ -188,8 +192,10 @@ def platform_checks(target, platform) -> list[Check]:
         ("dist_backend", "dist_backend names a torch.distributed backend available here", dist_backend),
         ("capability/dtypes", "each declared dtype computes on the device", dtypes),
         ("capability/fp8", "declared fp8: float8 tensors work on the device", fp8),
-        ("capability/pinned_memory", "declared pinned memory: pin_memory() page-locks", pinned_memory),
-        ("capability/graphs", "declared graphs: a graph captures and replays", graphs),
+        ("capability/pinned_memory", "declared pinned memory: pin_memory() page-locks, and the engine swaps "
+                                     "preempted blocks through page-locked host memory", pinned_memory),
+        ("capability/graphs", "declared graphs: a graph captures and replays; the engine's replayed decode steps "
+                              "give the eager engine's tokens", graphs),
         ("capability/static_shapes", "declared static shapes: workload W compiles at most one graph per bucket "
                                      "used, and nothing when run again", static_shapes),
     ]

@@ -59,8 +59,17 @@ class AcceleratorPlatform(Platform):
 
     def probe_capabilities(self, available: bool) -> Capabilities:
         """The device's capabilities; called once, with whether the platform is available."""
-        return Capabilities(dtypes=("float32", "float16", "bfloat16"), graphs=self.graph_class is not None,
-                            pinned_memory=True)
+        return Capabilities(dtypes=("float32", "float16", "bfloat16"), graphs=self.has_graphs(), pinned_memory=True)
+
+    def has_graphs(self) -> bool:
+        """Whether this torch's device module has :attr:`graph_class` (and the ``graph`` context to capture with)."""
+        if self.graph_class is None:
+            return False
+        try:
+            mod = self.device_module()
+        except Exception:  # noqa: BLE001 - a torch without the module has no graphs
+            return False
+        return hasattr(mod, self.graph_class) and hasattr(mod, "graph")
 
     def device_facts(self, index: int) -> dict:
         """Facts about device ``index`` for :meth:`describe` (name and memory by default)."""

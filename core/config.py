@@ -169,7 +169,8 @@ class BucketConfig:
     Each step is padded to the smallest bucket that fits its number of tokens, of
     sequences and its block-table width (blocks per sequence). None: powers of two up to
     ``max_num_batched_tokens`` (from 16), ``max_num_seqs`` and the blocks of ``max_model_len``.
-    Read only when the platform declares ``static_shapes``.
+    Read when the platform declares ``static_shapes``; ``seq_buckets`` also sizes the captured
+    decode graphs of a platform that declares ``graphs``.
     """
 
     token_buckets: tuple[int, ...] | None = None

@@ -33,10 +33,15 @@ def tokenmill_platforms():
     When the engine starts on a platform, the model runner calls, in this order:
     ``device()``; ``capabilities`` (dtype check; ``static_shapes`` turns on shape buckets);
     ``wrap_model(model)`` once, after the weights are loaded; ``kv_cache_budget()`` or
-    ``memory_info()`` to size the KV cache, then ``allocate()`` once per layer. Per step:
-    the forward, the sampled rows' logits, then ``step_end()`` before anything is read on
-    the host. ``compile_count()`` is read by the conformance suite (static-shape platforms);
-    ``capture_graph()`` by its graph check (platforms that declare ``graphs``).
+    ``memory_info()`` to size the KV cache, then ``allocate()`` once per layer; with
+    ``--preemption-mode swap``, ``pin_memory()`` once per layer on the host swap space
+    (page-locked where ``pinned_memory`` is declared). Per step: the forward, the sampled
+    rows' logits, then ``step_end()`` before anything is read on the host. With ``graphs``
+    (and a ``graph_capturable`` attention backend, one rank, no ``--enforce-eager``): the
+    first decode-only step of each batch-size bucket calls ``graph_pool()`` (once) and
+    ``capture_graph(fn, pool)``, then ``replay()`` on the result; later decode steps of that
+    size only ``replay()``. ``compile_count()`` is read by the conformance suite
+    (static-shape platforms).
     """
 
 

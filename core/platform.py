@@ -110,7 +110,11 @@ class Platform:
         """Wait until the device has finished all queued work."""
 
     def pin_memory(self, tensor):
-        """Return ``tensor`` in page-locked host memory when the platform supports it."""
+        """Return ``tensor`` in page-locked host memory when the platform supports it.
+
+        Called by the model runner once per layer at start-up with ``--preemption-mode swap``,
+        on a fresh host tensor in the attention backend's cache layout: the swap space that
+        preempted blocks are copied to and from with ``copy_(non_blocking=True)``."""
         return tensor.pin_memory() if self.capabilities.pinned_memory else tensor
 
     def wrap_model(self, model):
@@ -141,13 +145,18 @@ class Platform:
         """Capture the device work of one call of ``fn`` into a graph (``capabilities.graphs``).
 
         Returns an object whose ``replay()`` re-runs the captured work on the same buffers
-        and returns ``fn``'s outputs (refreshed in place). Called by the model runner once per
-        decode batch-size bucket, on first use; ``pool`` comes from :meth:`graph_pool`.
+        and returns ``fn``'s outputs (refreshed in place). Called by the model runner
+        (:mod:`tokenmill.engine.graphs`) once per decode batch-size bucket, on the first
+        decode-only step of that size, with ``fn`` reading only static buffers that already
+        hold that step's inputs and returning its logits ``[B, vocab]``; the runner then calls
+        ``replay()`` for that step and every later one of the size. ``pool`` comes from
+        :meth:`graph_pool`. An exception turns graphs off for the engine (it runs eagerly).
         """
         raise NotImplementedError(f"platform {self.name} does not capture graphs")
 
     def graph_pool(self):
-        """A memory pool shared by the graphs :meth:`capture_graph` captures (None: none)."""
+        """A memory pool shared by the graphs :meth:`capture_graph` captures (None: none); called once,
+        before the first capture."""
         return None
 
     def describe(self) -> dict:

@@ -63,7 +63,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a collective or a rank's start-up may take before the step fails")
     g.add_argument("--reference-ops", action="store_true",
                    help="use the core's reference ops and attention, ignoring plugins' faster ones")
-    b = p.add_argument_group("shape buckets (platforms with static shapes, e.g. tpu)")
+    b = p.add_argument_group("shape buckets (platforms with static shapes, e.g. tpu; --seq-buckets also sizes "
+                             "decode graphs)")
     b.add_argument("--token-buckets", type=_int_list, default=None,
                    help="tokens per step to pad to, e.g. 16,64,256 (default: powers of two up to the token budget)")
     b.add_argument("--seq-buckets", type=_int_list, default=None,

@@ -15,7 +15,8 @@ import torch
 
 from tokenmill.attention.interface import AttentionMetadata, AttentionSpec
 from tokenmill.engine.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
-from tokenmill.engine.buckets import ShapeBuckets, pad_rows, pad_step
+from tokenmill.engine.buckets import ShapeBuckets, pad_rows, pad_step, powers_of_two
+from tokenmill.engine.graphs import DecodeGraphs, graphs_unavailable
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
@@ -103,8 +104,12 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         #: Host copies of swapped-out blocks, one tensor per layer (swap mode only).
         self.swap_caches: list[torch.Tensor] = []
-        #: Decode steps replayed from captured graphs.
-        self.graph_replays = 0
+        #: Captured decode graphs (built with the KV cache), or why decode steps run eagerly.
+        self.graphs: DecodeGraphs | None = None
+        self.graphs_off = graphs_unavailable(platform, self.backend, config, self.tp.size)
+        self._max_len = config.model.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048
+        if platform.capabilities.graphs:
+            log.info("model runner: decode graphs %s", "off: " + self.graphs_off if self.graphs_off else "on")
 
     # -- KV cache ------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -125,6 +130,15 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
         self.kv_caches = [self.platform.allocate(shape, self.dtype) for _ in range(self.num_layers)]
+        if self.graphs_off is None:
+            sizes = self.config.buckets.seq_buckets or powers_of_two(1, self.config.scheduler.max_num_seqs)
+            self.graphs = DecodeGraphs(self.platform, self.model, self.kv_caches, sizes, self._max_len,
+                                       self.block_size, self.device)
+
+    @property
+    def graph_replays(self) -> int:
+        """Decode steps replayed from captured graphs so far."""
+        return self.graphs.replays if self.graphs is not None else 0
 
     def num_swap_blocks(self, max_needed: int) -> int:
         """Host swap slots that fit ``swap_space`` GiB (``num_swap_blocks`` overrides), at most ``max_needed``."""
@@ -171,7 +185,7 @@ class ModelRunner:
         return len(self._states)
 
     # -- one step ------------------------------------------------------------------------------
-    def _build(self, out: SchedulerOutput, states: list["_SeqState"]):
+    def _host_lists(self, out: SchedulerOutput, states: list["_SeqState"]):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -189,6 +203,11 @@ class ModelRunner:
             seq_lens.append(start + n)
             query_lens.append(n)
             tables.append(table)
+        return input_ids, positions, slots, query_lens, seq_lens, tables
+
+    def _build(self, lists):
+        input_ids, positions, slots, query_lens, seq_lens, tables = lists
+        bs = self.block_size
         if self.buckets is not None:
             pad_step(self.buckets, input_ids, positions, slots, query_lens, seq_lens, tables)
         dev = self.device
@@ -198,6 +217,12 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta, qsl
+
+    @staticmethod
+    def _decode_only(out: SchedulerOutput, states) -> bool:
+        """A step a decode graph can run: one token per sequence, and only logits wanted from it."""
+        return all(item.num_new == 1 and not item.prompt_logprobs and not getattr(st.params, "pooling", None)
+                   for item, st in zip(out.seqs, states))
 
     def _generator(self, st: "_SeqState", index: int) -> torch.Generator | None:
         """The seeded generator of continuation ``index`` (seed + index, as vLLM); kept in the state."""
@@ -222,9 +247,18 @@ class ModelRunner:
         states = [self._states[item.seq_id] for item in out.seqs]
         self.backend.copy_blocks(self.kv_caches, out.block_copies)
         self.backend.swap_blocks(self.swap_caches, self.kv_caches, out.swap_in)
-        ids, positions, meta, qsl = self._build(out, states)
+        lists = self._host_lists(out, states)
         t0 = time.perf_counter()
-        hidden = self.model.forward(ids, positions, self.kv_caches, meta)
+        graph_logits = None
+        if self.graphs is not None and self._decode_only(out, states):
+            ids, positions, slots, _, seq_lens, tables = lists
+            graph_logits = self.graphs.run(self.backend, ids, positions, slots, seq_lens, tables)
+        if graph_logits is not None:
+            hidden, qsl = None, range(len(out.seqs) + 1)
+        else:
+            ids, positions, meta, qsl = self._build(lists)
+            t0 = time.perf_counter()
+            hidden = self.model.forward(ids, positions, self.kv_caches, meta)
 
         sample_rows, sample_items, prompt_items, pool_items = [], [], [], []
         for i, (item, st) in enumerate(zip(out.seqs, states)):
@@ -236,7 +270,10 @@ class ModelRunner:
                 sample_rows.extend([qsl[i + 1] - 1] * item.num_samples)
                 sample_items.append((item, st))
         logits = None
-        if sample_rows:
+        if graph_logits is not None:  # rows are sequences; padded rows past them are ignored
+            n = len(sample_rows)
+            logits = graph_logits[:n] if sample_rows == list(range(n)) else graph_logits[sample_rows]
+        elif sample_rows:
             rows = sample_rows if self.buckets is None else pad_rows(self.buckets, sample_rows)
             logits = self.model.compute_logits(hidden[rows])
         self.platform.step_end()

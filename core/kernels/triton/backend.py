@@ -19,6 +19,9 @@ class TritonAttention(AttentionBackend):
     dtypes = ("float32", "float16", "bfloat16")
     sliding_window = True
     gqa = True
+    # Launch sizes depend only on the batch shape; the tile plan is built from query_lens_cpu
+    # (all 1 in a captured decode step) on the first layer and reused from meta.extra.
+    graph_capturable = True
 
     @classmethod
     def prepare(cls, meta: AttentionMetadata) -> None:

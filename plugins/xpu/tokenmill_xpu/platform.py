@@ -44,10 +44,10 @@ class XpuPlatform(AcceleratorPlatform):
     dist_backend = "xccl"
     ray_resource = "GPU"
     label = "Intel XPU"
-    graph_class = None  # no graph capture declared for XPU
+    graph_class = "XPUGraph"  # torch.xpu.XPUGraph (torch >= 2.11); has_graphs() checks this torch has it
 
     def probe_capabilities(self, available: bool) -> Capabilities:
-        return Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=False, graphs=False,
+        return Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=False, graphs=self.has_graphs(),
                             static_shapes=False, pinned_memory=True)
 
     def device_facts(self, index: int) -> dict:
