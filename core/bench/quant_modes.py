@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -112,8 +113,8 @@ def run(args, model: str, argv: list[str], subprocess_fn) -> int:
                       f"{r['linear_bytes'] / 2**20:.2f} MiB", file=sys.stderr, flush=True)
     results = []
     for mode, rs in runs.items():
-        speeds = sorted(r["output_tok_s"] for r in rs)
-        r = dict(rs[0], mode=mode, output_tok_s=speeds[len(speeds) // 2], tok_s_runs=[x["output_tok_s"] for x in rs])
+        speeds = [x["output_tok_s"] for x in rs]
+        r = dict(rs[0], mode=mode, output_tok_s=statistics.median(speeds), tok_s_runs=speeds)
         if any(x["tokens"] != r["tokens"] for x in rs):
             r["implementation"] += " (outputs differ between rounds)"
         results.append(r)
