@@ -254,7 +254,9 @@ def _plot(results: list[dict], path: str, title: str) -> None:
     b.set_ylabel("throughput (prompt+output tok/s)")
     for ax in (a, b):
         ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.fill(line, 130) for line in title.split("\n")), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
