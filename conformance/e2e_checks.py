@@ -253,6 +253,46 @@ def graph_check(target, platform, arch: str = MODELS[0]) -> str:
             f"identical to the eager engine's ({eager_engine.stats().graph_replays} replays there) and the reference's")
 
 
+def overlap_check(target, platform, arch: str = MODELS[0]) -> str:
+    """The engine with overlap forced on and off on the platform: the same greedy tokens, and
+    with overlap some plan was made while the previous step was still in flight."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.engine_core import EngineCore
+    from tokenmill.models.loader import load_config
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(arch)
+    dtype_name = "float32" if "float32" in platform.capabilities.dtypes else platform.capabilities.dtypes[0]
+    prompts = _prompts(load_config(path).vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+
+    def run(overlap: bool):
+        config = EngineConfig.from_kwargs(str(path), device=platform.name, dtype=dtype_name, block_size=BLOCK_SIZE,
+                                          max_num_batched_tokens=CHUNK * 2, max_model_len=256,
+                                          kv_cache_memory=16 << 20, overlap=overlap)
+        engine = EngineCore(config, plugin_manager=target.pm)
+        events = []  # "S" a plan made, "U" a step's results applied: "SS" is a plan made ahead
+        sched = engine.scheduler
+        schedule, update = sched.schedule, sched.update
+        sched.schedule = lambda: (events.append("S"), schedule())[1]
+        sched.update = lambda out, res: (events.append("U"), update(out, res))[1]
+        tokens = {str(i): [] for i in range(len(prompts))}
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        while engine.has_unfinished():
+            for u in engine.step():
+                tokens[u.request_id].extend(u.new_token_ids)
+        engine.shutdown()
+        return tuple(tuple(tokens[str(i)]) for i in range(len(prompts))), "".join(events).count("SS")
+
+    want, _ = run(False)
+    got, ahead = run(True)
+    assert ahead > 0, "with overlap on, no step was planned while another was in flight"
+    assert got == want, f"overlap changed the tokens: {_describe_mismatch(got, want)}"
+    return f"{ahead} plans made while a step ran; {sum(map(len, got))} greedy tokens identical to the engine without overlap"
+
+
 def swap_check(target, platform, arch: str = MODELS[0]) -> str:
     """Preemption by swap on the platform: a pool too small for the batch, the reference's tokens.
 

@@ -182,6 +182,15 @@ def platform_checks(target, platform) -> list[Check]:
 
         return static_shape_check(target, platform)
 
+    def async_execution():
+        flag = platform.capabilities.async_execution
+        assert isinstance(flag, bool), "async_execution must be a bool"
+        _available(platform)
+        from tokenmill.conformance.e2e_checks import overlap_check
+
+        return (("declared: overlap scheduling is on by default; " if flag else
+                 "not declared: overlap is off by default, checked forced on; ") + overlap_check(target, platform))
+
     checks = [
         ("availability", "availability() answers without raising and says why when unavailable", availability),
         ("attributes", "name, device type, priority, capabilities and describe() are well formed", attributes),
@@ -196,6 +205,8 @@ def platform_checks(target, platform) -> list[Check]:
                                      "preempted blocks through page-locked host memory", pinned_memory),
         ("capability/graphs", "declared graphs: a graph captures and replays; the engine's replayed decode steps "
                               "give the eager engine's tokens", graphs),
+        ("capability/async_execution", "the overlap scheduler (on by default where async execution is declared) "
+                                       "plans ahead and gives the tokens of the engine without it", async_execution),
         ("capability/static_shapes", "declared static shapes: workload W compiles at most one graph per bucket "
                                      "used, and nothing when run again", static_shapes),
     ]

@@ -59,7 +59,8 @@ class AcceleratorPlatform(Platform):
 
     def probe_capabilities(self, available: bool) -> Capabilities:
         """The device's capabilities; called once, with whether the platform is available."""
-        return Capabilities(dtypes=("float32", "float16", "bfloat16"), graphs=self.has_graphs(), pinned_memory=True)
+        return Capabilities(dtypes=("float32", "float16", "bfloat16"), graphs=self.has_graphs(),
+                            async_execution=True, pinned_memory=True)
 
     def has_graphs(self) -> bool:
         """Whether this torch's device module has :attr:`graph_class` (and the ``graph`` context to capture with)."""

@@ -89,6 +89,7 @@ class SchedulerConfig:
 
     ``overlap``: schedule step N+1 while step N runs and apply N's results while N+1 runs
     (SGLang's overlap scheduler, vLLM's async scheduling); the output is the same as without.
+    ``None`` (the default) lets the platform decide: on where it declares ``async_execution``.
     With ``preemption_mode="swap"`` the engine steps without overlap: a sequence swapped out
     while its step runs would need that step's KV and sample undone on the host copy.
     """
@@ -98,7 +99,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting: int | None = None
     preemption_mode: str = "recompute"
-    overlap: bool = True
+    overlap: bool | None = None
 
     def __post_init__(self):
         _positive("max_num_seqs", self.max_num_seqs)

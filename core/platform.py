@@ -33,6 +33,11 @@ class Capabilities:
     each step to shape buckets (:mod:`tokenmill.engine.buckets`); :meth:`Platform.compile_count`
     reports the compilations.
     ``pinned_memory``: :meth:`Platform.pin_memory` page-locks host memory for swapping KV blocks.
+    ``async_execution``: the device computes a step while the host thread goes on (a queue of
+    launched work, as on GPUs and XLA), so the engine's overlap scheduler, which plans step N+1
+    while N runs, hides the host's work; it is on by default only where this is declared. Where
+    the host's own cores compute the forward (the cpu platform) the overlapping host work takes
+    cores from the forward instead.
     """
 
     dtypes: tuple[str, ...] = ("float32",)
@@ -40,6 +45,7 @@ class Capabilities:
     graphs: bool = False
     static_shapes: bool = False
     pinned_memory: bool = False
+    async_execution: bool = False
 
 
 @dataclass(frozen=True)

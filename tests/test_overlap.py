@@ -90,7 +90,7 @@ def test_overlap_output_equals_no_overlap(model, kw):
 
 
 def test_abort_with_a_step_in_flight_frees_everything(model):
-    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256)
+    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, overlap=True)
     engine = llm.engine
     for i in range(4):
         engine.add_request(f"r{i}", list(range(3, 30 + i)), SamplingParams(max_tokens=50, ignore_eos=True))
@@ -112,11 +112,14 @@ def test_no_overlap_flag_reaches_the_engine():
 
     p = argparse.ArgumentParser()
     add_engine_arguments(p)
-    assert engine_kwargs(p.parse_args([]))["overlap"] is True
+    assert engine_kwargs(p.parse_args([]))["overlap"] is None  # the platform decides
+    assert engine_kwargs(p.parse_args(["--overlap"]))["overlap"] is True
     assert engine_kwargs(p.parse_args(["--no-overlap"]))["overlap"] is False
 
 
 def test_swap_preemption_steps_without_overlap(model):
     llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, preemption_mode="swap")
     assert llm.engine._overlap is False  # documented: swapping a sequence whose step is in flight is not undone
-    assert LLM(model, device="cpu", dtype="float32", max_model_len=256).engine._overlap is True
+    assert LLM(model, device="cpu", dtype="float32", max_model_len=256, overlap=True).engine._overlap is True
+    # the cpu platform computes on the host's cores: no async execution, so overlap is off unless asked for
+    assert LLM(model, device="cpu", dtype="float32", max_model_len=256).engine._overlap is False

@@ -2,7 +2,7 @@
 
 Each engine runs in a fresh subprocess; only the generate call after the warm-up is timed.
 Peers: HF transformers (``--compare hf``), the core's reference ops (``--compare reference``),
-tokenmill without the overlap scheduler (``--compare no-overlap``)
+tokenmill with the overlap scheduler forced on or off (``--compare overlap``, ``--compare no-overlap``)
 and vLLM-CPU from its own environment (``--against-vllm PYTHON``). ``--pairs N`` repeats the
 round of engines N times interleaved (tokenmill, vLLM, tokenmill, vLLM, ...) so a noisy machine
 shows up in the ratios; ``--sweep-prompts 16,64,256`` runs every engine at each number of
@@ -34,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="workload seed")
-    p.add_argument("--compare", action="append", default=[], choices=["hf", "reference", "no-overlap"],
+    p.add_argument("--compare", action="append", default=[], choices=["hf", "reference", "overlap", "no-overlap"],
                    help="also run HF transformers generate (hf), tokenmill on the core's reference ops and "
-                        "attention (reference) or tokenmill with --no-overlap (no-overlap) on the same prompts; "
+                        "attention (reference) or tokenmill with --overlap / --no-overlap on the same prompts; "
                         "repeatable")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--against-vllm", default=None, metavar="PYTHON",
@@ -192,11 +192,11 @@ def run(args) -> int:
             model, args.dtype, args.quantization = spec["model"], spec["dtype"], spec["quantization"]
         if args._worker == "reference":
             args.reference_ops = True
-        if args._worker == "no-overlap":
-            args.overlap = False
+        if args._worker in ("overlap", "no-overlap"):
+            args.overlap = args._worker == "overlap"
         result = _run_hf(args, model) if args._worker == "hf" else _run_tokenmill(args, model)
         result["engine"] = {"tokenmill": "tokenmill", "reference": "tm-reference",
-                            "no-overlap": "tm-no-overlap"}.get(args._worker, result["engine"])
+                            "overlap": "tm-overlap", "no-overlap": "tm-no-overlap"}.get(args._worker, result["engine"])
         print(json.dumps(result))
         return 0
     argv = [a for a in sys.argv[sys.argv.index("throughput") + 1:]]

@@ -46,9 +46,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "when it is full, preempted sequences are recomputed")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture decode steps into device graphs (platforms that declare graphs)")
+    g.add_argument("--overlap", dest="overlap", action="store_true", default=None,
+                   help="schedule step N+1 while step N runs and apply N's results while N+1 runs (default: on "
+                        "where the platform computes asynchronously, e.g. GPUs and TPUs; off on cpu)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="schedule each step only after the previous one finished (default: step N+1 is scheduled "
-                        "while step N runs, and N's results are applied while N+1 runs)")
+                   help="schedule each step only after the previous one finished")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the shared sampling generator")
     g.add_argument("--structured-output-backend", default="auto", choices=["auto", "xgrammar", "outlines"],
                    help="guided-decoding backend of requests that name none (auto: xgrammar, then outlines)")

@@ -122,7 +122,10 @@ class EngineCore:
         self._guided = None
         #: With overlap: the step launched and not yet applied, ``(plan, future)``.
         self._inflight = None
-        self._overlap = config.scheduler.overlap and config.scheduler.preemption_mode == "recompute"
+        overlap = config.scheduler.overlap
+        if overlap is None:
+            overlap = self.platform.capabilities.async_execution
+        self._overlap = overlap and config.scheduler.preemption_mode == "recompute"
         log.info("engine: model %s on %s, %d KV blocks of %d tokens (%d tokens), backend %s, kernels %s, "
                  "preemption by %s%s", config.model.model, self.platform.name, num_blocks, bs, num_blocks * bs,
                  self.runner.backend.name, self.runner.kernels.providers, config.scheduler.preemption_mode,
@@ -262,9 +265,10 @@ class EngineCore:
     def step(self) -> list[SeqUpdate]:
         """Run one step; returns what it produced for the frontend.
 
-        With ``overlap`` (the default), the step that was launched by the previous call is in
-        flight: the next plan is scheduled while it runs, launched as soon as it finishes, and
-        the finished step's results are applied (and returned) while the next one runs. The
+        With overlap (the default where the platform declares ``async_execution``), the step
+        that was launched by the previous call is in flight: the next plan is scheduled while it
+        runs, launched as soon as it finishes, and the finished step's results are applied (and
+        returned) while the next one runs. The
         scheduler's pending counts make this safe (a token in flight is decoded next, by the
         runner from its own sample; results of sequences that ended meanwhile are dropped).
         Steps whose results decide the next plan's shape (forking n>1 children, constrained

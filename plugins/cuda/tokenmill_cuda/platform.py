@@ -31,7 +31,8 @@ class CudaPlatform(AcceleratorPlatform):
     def probe_capabilities(self, available: bool) -> Capabilities:
         major, minor = self.device_module().get_device_capability(0) if available else (0, 0)
         dtypes = ("float32", "float16", "bfloat16") if major >= 8 else ("float32", "float16")
-        return Capabilities(dtypes=dtypes, fp8=(major, minor) >= (8, 9), graphs=self.has_graphs(), static_shapes=False,
+        return Capabilities(dtypes=dtypes, fp8=(major, minor) >= (8, 9), graphs=self.has_graphs(),
+                            async_execution=True, static_shapes=False,
                             pinned_memory=True)
 
     def device_facts(self, index: int) -> dict:

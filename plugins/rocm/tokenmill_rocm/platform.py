@@ -41,7 +41,8 @@ class RocmPlatform(AcceleratorPlatform):
 
     def probe_capabilities(self, available: bool) -> Capabilities:
         fp8 = available and self.arch(0).startswith(FP8_ARCH_PREFIXES)
-        return Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=fp8, graphs=self.has_graphs(), static_shapes=False,
+        return Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=fp8, graphs=self.has_graphs(),
+                            async_execution=True, static_shapes=False,
                             pinned_memory=True)
 
     def device_facts(self, index: int) -> dict:

@@ -33,6 +33,7 @@ class TpuPlatform(Platform):
     dist_backend = "xla"
     ray_resource = "TPU"
     capabilities = Capabilities(dtypes=("float32", "bfloat16"), fp8=False, graphs=False, static_shapes=True,
+                                async_execution=True,
                                 pinned_memory=False)
 
     @property

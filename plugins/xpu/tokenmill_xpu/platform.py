@@ -48,6 +48,7 @@ class XpuPlatform(AcceleratorPlatform):
 
     def probe_capabilities(self, available: bool) -> Capabilities:
         return Capabilities(dtypes=("float32", "float16", "bfloat16"), fp8=False, graphs=self.has_graphs(),
+                            async_execution=True,
                             static_shapes=False, pinned_memory=True)
 
     def device_facts(self, index: int) -> dict:
