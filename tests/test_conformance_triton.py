@@ -25,7 +25,10 @@ def test_gpu_plugin_triton_kernels_pass_under_the_interpreter(plugin, tmp_path):
     assert " 0 failed" in text
     # The kernels and the attention really ran (on CPU tensors), the device-only checks were skipped with why.
     for check in (f"kernel/{plugin}/rms_norm/float16", f"kernel/{plugin}/rotary_embedding/float32",
-                  f"attention/{plugin}/triton-{plugin}/float16/mixed-", f"e2e/{plugin}/mistral"):
+                  f"attention/{plugin}/triton-{plugin}/float16/mixed-", f"e2e/{plugin}/mistral",
+                  f"quant/{plugin}/TritonGPTQMethod_{plugin}/gptq/float16",
+                  f"quant/{plugin}/TritonAWQMethod_{plugin}/awq/float32",
+                  f"quant/{plugin}/TritonInt8Method_{plugin}/w8a8/float16"):
         line = next(ln for ln in text.splitlines() if f"`{check}" in ln)
         assert "| pass |" in line, line
     device_line = next(ln for ln in text.splitlines() if f"`platform/{plugin}/device`" in ln)
@@ -50,10 +53,12 @@ def test_triton_kernels_on_cpu_tensors_without_the_interpreter_explain_themselve
     assert "TRITON_INTERPRET=1" in proc.stdout, proc.stdout + proc.stderr
 
 
-# 18 kernels: 6 reference ops (apply_token_bitmask included) + 4 Triton ops on each of cuda, rocm, xpu.
+# 18 kernels: 6 reference ops (apply_token_bitmask included) + 4 Triton ops on each of cuda, rocm, xpu;
+# 4 Triton quantization classes on each of them.
 def test_registration_does_not_import_triton():
     code = ("import sys\nfrom tokenmill.plugins import PluginManager\n"
             "pm = PluginManager(allowlist=['cuda', 'rocm', 'xpu']).load()\n"
-            "print(len(pm.kernel_impls()), len(pm.attention_backends()), 'triton' in sys.modules)")
+            "q = [c for _, c in pm.registered('quantization_methods') if 'Triton' in c.__name__]\n"
+            "print(len(pm.kernel_impls()), len(pm.attention_backends()), len(q), 'triton' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split() == ["18", "4", "False"], proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["18", "4", "12", "False"], proc.stdout + proc.stderr

@@ -51,6 +51,22 @@ def kernel_impls(platform_name: str, provider: str, priority: int = TRITON_PRIOR
                        dtypes=dtypes) for op in TRITON_OPS]
 
 
+def quant_methods(platform_name: str, priority: int = TRITON_PRIORITY) -> list:
+    """Subclasses of the Triton quantization methods (:mod:`.quant`) serving ``platform_name``.
+
+    GPTQ, AWQ, ``int8``/``w8a8`` and FP8 (FP8 only where the platform's ``capabilities.fp8``
+    is true), above the core's reference classes. Empty when Triton is not installed.
+    """
+    if not triton_available():
+        return []
+    from tokenmill.kernels.triton.quant import TRITON_QUANT_CLASSES
+
+    return [type(f"{cls.__name__}_{platform_name}", (cls,),
+                 {"device_types": (platform_name,), "priority": priority, "__module__": cls.__module__,
+                  "__doc__": f"{cls.__doc__} Registered for platform {platform_name!r}."})
+            for cls in TRITON_QUANT_CLASSES]
+
+
 def attention_backend(platform_name: str, priority: int | None = None) -> type | None:
     """A subclass of :class:`~tokenmill.kernels.triton.backend.TritonAttention` serving ``platform_name``.
 

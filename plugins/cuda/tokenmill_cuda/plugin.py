@@ -32,3 +32,12 @@ def tokenmill_attention_backends():
 
     backend = attention_backend("cuda")
     return [backend] if backend is not None else []
+
+
+# GPTQ, AWQ, int8/w8a8 and FP8 (where capabilities.fp8) through the shared Triton dequantize-matmuls,
+# above the core's reference classes; none without Triton.
+@hookimpl
+def tokenmill_quantization_methods():
+    from tokenmill.kernels.triton import quant_methods
+
+    return quant_methods("cuda")

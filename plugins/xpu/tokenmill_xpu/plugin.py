@@ -49,3 +49,12 @@ def conformance_facts() -> dict:
               f"device calls, and the IPEX glue, are checked against fakes by tokenmill's own tests "
               f"(tests/test_platform_plugins.py, tests/test_xpu_ipex.py)")
     return {"Intel XPU": device, "intel-extension-for-pytorch (XPU)": xpu_ipex_status()[1]}
+
+
+# GPTQ, AWQ, int8/w8a8 and FP8 (where capabilities.fp8) through the shared Triton dequantize-matmuls,
+# above the core's reference classes; none without Triton.
+@hookimpl
+def tokenmill_quantization_methods():
+    from tokenmill.kernels.triton import quant_methods
+
+    return quant_methods("xpu")
