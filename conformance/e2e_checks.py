@@ -326,7 +326,7 @@ def swap_check(target, platform, arch: str = MODELS[0]) -> str:
     stats = engine.stats()
     assert stats.swapped_out_blocks > 0, "the 18-block pool was meant to swap sequences out"
     assert stats.swapped_in_blocks == stats.swapped_out_blocks and stats.num_swapped == 0
-    pinned = engine.runner.swap_caches[0].is_pinned()
+    pinned = engine.runner.swap.caches[0].is_pinned()
     if platform.capabilities.pinned_memory:
         assert pinned, "pinned_memory declared but the swap space is not page-locked"
     return (f"{stats.num_preemptions} preemptions, {stats.swapped_out_blocks} blocks swapped out and back "

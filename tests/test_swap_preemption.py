@@ -180,7 +180,7 @@ def test_engine_swap_equals_recompute_and_hf(prefix, chunk, n):
     assert sched.swap.num_free == sched.swap.num_slots == 64
     swp.engine.step()  # the runner hears of the last finished sequences
     assert swp.engine.kv.num_used_blocks == 0 and swp.engine.runner.num_seq_states == 0
-    assert len(swp.engine.runner.swap_caches) == swp.engine.runner.num_layers
+    assert len(swp.engine.runner.swap.caches) == swp.engine.runner.num_layers
 
 
 def test_engine_swap_space_full_falls_back_and_frees_everything():

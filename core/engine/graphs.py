@@ -106,6 +106,21 @@ class DecodeGraphs:
                  list(self.sizes))
         return graph
 
+    def run_step(self, backend, items, states, lists):
+        """Logits of a step a graph can run, or None (it runs eagerly): a decode-only step, one token
+        per sequence with only logits wanted from it. ``lists`` are the runner's host lists."""
+        if not all(item.num_new == 1 and not item.prompt_logprobs and not getattr(st.params, "pooling", None)
+                   for item, st in zip(items, states)):
+            return None
+        input_ids, positions, slots, _, seq_lens, tables = lists
+        return self.run(backend, input_ids, positions, slots, seq_lens, tables)
+
+    @staticmethod
+    def sample_logits(logits, rows: list[int]):
+        """The rows of a replay's logits to sample from (rows are sequences; padded rows are ignored)."""
+        n = len(rows)
+        return logits[:n] if rows == list(range(n)) else logits[rows]
+
     def run(self, backend, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             tables: list[list[int]]):
         """Logits ``[B, vocab]`` of a decode step (rows past ``len(input_ids)`` are padding), or None

@@ -17,6 +17,7 @@ from tokenmill.attention.interface import AttentionMetadata, AttentionSpec
 from tokenmill.engine.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.engine.buckets import ShapeBuckets, pad_rows, pad_step, powers_of_two
 from tokenmill.engine.graphs import DecodeGraphs, graphs_unavailable
+from tokenmill.engine.swap_caches import SwapCaches
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
@@ -93,28 +94,30 @@ class ModelRunner:
         self.guided = None
         #: Shape buckets every step is padded to, on a platform that declares static shapes.
         self.buckets: ShapeBuckets | None = None
+        self._max_len = config.model.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048
         if platform.capabilities.static_shapes:
-            max_len = config.model.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048
             sched = config.scheduler
             self.buckets = ShapeBuckets.from_config(config.buckets, sched.max_num_batched_tokens, sched.max_num_seqs,
-                                                    -(-max_len // self.block_size))
+                                                    -(-self._max_len // self.block_size))
             log.info("model runner: %s declares static shapes; steps are padded to buckets: %s", platform.name,
                      self.buckets.describe())
         self._states: dict[int, _SeqState] = {}
         self.kv_caches: list[torch.Tensor] = []
-        #: Host copies of swapped-out blocks, one tensor per layer (swap mode only).
-        self.swap_caches: list[torch.Tensor] = []
+        #: Host copies of swapped-out blocks (allocated in swap mode only).
+        self.swap = SwapCaches(platform, self.backend, config.cache, self.dtype, self.num_layers, self._cache_shape,
+                               self.block_bytes())
         #: Captured decode graphs (built with the KV cache), or why decode steps run eagerly.
         self.graphs: DecodeGraphs | None = None
         self.graphs_off = graphs_unavailable(platform, self.backend, config, self.tp.size)
-        self._max_len = config.model.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048
         if platform.capabilities.graphs:
             log.info("model runner: decode graphs %s", "off: " + self.graphs_off if self.graphs_off else "on")
 
     # -- KV cache ------------------------------------------------------------------------------
+    def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return self.backend.kv_cache_shape(num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
+
     def block_bytes(self) -> int:
-        shape = self.backend.kv_cache_shape(1, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
-        return math.prod(shape) * torch.empty((), dtype=self.dtype).element_size() * self.num_layers
+        return math.prod(self._cache_shape(1)) * torch.empty((), dtype=self.dtype).element_size() * self.num_layers
 
     def num_kv_blocks(self, max_needed: int) -> int:
         """Blocks that fit the configured KV memory, capped at what the limits could ever use."""
@@ -128,7 +131,7 @@ class ModelRunner:
         return int(min(blocks, max_needed))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
+        shape = self._cache_shape(num_blocks)
         self.kv_caches = [self.platform.allocate(shape, self.dtype) for _ in range(self.num_layers)]
         if self.graphs_off is None:
             sizes = self.config.buckets.seq_buckets or powers_of_two(1, self.config.scheduler.max_num_seqs)
@@ -142,19 +145,11 @@ class ModelRunner:
 
     def num_swap_blocks(self, max_needed: int) -> int:
         """Host swap slots that fit ``swap_space`` GiB (``num_swap_blocks`` overrides), at most ``max_needed``."""
-        cache = self.config.cache
-        if cache.num_swap_blocks is not None:
-            return cache.num_swap_blocks
-        return int(min(int(cache.swap_space * (1 << 30)) // self.block_bytes(), max_needed))
+        return self.swap.num_slots(max_needed)
 
     def allocate_swap_space(self, num_slots: int) -> None:
-        """Host memory in the backend's layout for ``num_slots`` swapped-out blocks per layer, page-locked
-        through :meth:`Platform.pin_memory` (which leaves it pageable where ``pinned_memory`` is not declared)."""
-        shape = self.backend.kv_cache_shape(num_slots, self.block_size, self.spec.num_kv_heads, self.spec.head_size)
-        self.swap_caches = [self.platform.pin_memory(torch.empty(shape, dtype=self.dtype)) for _ in range(self.num_layers)]
-        log.info("model runner: swap space of %d blocks (%.2f GiB, %s)", num_slots,
-                 num_slots * self.block_bytes() / 2**30,
-                 "page-locked" if self.platform.capabilities.pinned_memory else "pageable")
+        """Host memory for ``num_slots`` swapped-out blocks per layer (see :class:`SwapCaches`)."""
+        self.swap.allocate(num_slots)
 
     # -- the persistent batch -------------------------------------------------------------------
     def _apply_plan_state(self, out: SchedulerOutput) -> None:
@@ -218,12 +213,6 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta, qsl
 
-    @staticmethod
-    def _decode_only(out: SchedulerOutput, states) -> bool:
-        """A step a decode graph can run: one token per sequence, and only logits wanted from it."""
-        return all(item.num_new == 1 and not item.prompt_logprobs and not getattr(st.params, "pooling", None)
-                   for item, st in zip(out.seqs, states))
-
     def _generator(self, st: "_SeqState", index: int) -> torch.Generator | None:
         """The seeded generator of continuation ``index`` (seed + index, as vLLM); kept in the state."""
         seed = st.params.seed
@@ -241,18 +230,15 @@ class ModelRunner:
         self._apply_plan_state(out)
         result = RunnerOutput()
         # the order SchedulerOutput documents: freed blocks are read before they are rewritten
-        self.backend.swap_blocks(self.kv_caches, self.swap_caches, out.swap_out)
+        self.swap.swap_out(self.kv_caches, out.swap_out)
         if out.is_empty:
             return result
         states = [self._states[item.seq_id] for item in out.seqs]
         self.backend.copy_blocks(self.kv_caches, out.block_copies)
-        self.backend.swap_blocks(self.swap_caches, self.kv_caches, out.swap_in)
+        self.swap.swap_in(self.kv_caches, out.swap_in)
         lists = self._host_lists(out, states)
         t0 = time.perf_counter()
-        graph_logits = None
-        if self.graphs is not None and self._decode_only(out, states):
-            ids, positions, slots, _, seq_lens, tables = lists
-            graph_logits = self.graphs.run(self.backend, ids, positions, slots, seq_lens, tables)
+        graph_logits = self.graphs.run_step(self.backend, out.seqs, states, lists) if self.graphs is not None else None
         if graph_logits is not None:
             hidden, qsl = None, range(len(out.seqs) + 1)
         else:
@@ -270,9 +256,8 @@ class ModelRunner:
                 sample_rows.extend([qsl[i + 1] - 1] * item.num_samples)
                 sample_items.append((item, st))
         logits = None
-        if graph_logits is not None:  # rows are sequences; padded rows past them are ignored
-            n = len(sample_rows)
-            logits = graph_logits[:n] if sample_rows == list(range(n)) else graph_logits[sample_rows]
+        if graph_logits is not None:
+            logits = DecodeGraphs.sample_logits(graph_logits, sample_rows)
         elif sample_rows:
             rows = sample_rows if self.buckets is None else pad_rows(self.buckets, sample_rows)
             logits = self.model.compute_logits(hidden[rows])
