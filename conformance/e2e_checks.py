@@ -75,6 +75,19 @@ def _describe_mismatch(got, want) -> str:
     return f"got {got}, reference {want}"
 
 
+def _run_engine(engine, prompts: list[list[int]], params, tag: str = "") -> tuple:
+    """Add the prompts (``params``: one SamplingParams for all, or one each), step until done;
+    the new tokens per prompt. ``tag`` prefixes the request ids (to run again on one engine)."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    tokens = {f"{tag}{i}": [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}{i}", p, per_prompt[i])
+    while engine.has_unfinished():
+        for u in engine.step():
+            tokens[u.request_id].extend(u.new_token_ids)
+    return tuple(tuple(t) for t in tokens.values())
+
+
 def _choose_backend(target, platform_name: str, spec):
     from tokenmill.attention.reference import ReferenceAttention
 
@@ -133,15 +146,7 @@ def engine_check(target, platform_name: str, arch: str, dtype_name: str) -> str:
                                       max_num_batched_tokens=CHUNK * 2, kv_cache_memory=16 << 20, max_model_len=256)
     engine = EngineCore(config, plugin_manager=target.pm)
     prompts = _prompts(load_config(path).vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
-    tokens: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-        tokens[str(i)] = []
-    while engine.has_unfinished():
-        for update in engine.step():
-            tokens[update.request_id].extend(update.new_token_ids)
-    got = tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
+    got = _run_engine(engine, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True))
     want = reference_tokens(arch, dtype_name)
     assert got == want, f"{arch} through the engine: {_describe_mismatch(got, want)}"
     hf = " and to HF transformers'" if dtype_name == "float32" else ""
@@ -179,22 +184,13 @@ def static_shape_check(target, platform, arch: str = MODELS[0]) -> str:
     prompts = _prompts(load_config(path).vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
 
-    def workload(tag):
-        tokens = {f"{tag}{i}": [] for i in range(len(prompts))}
-        for i, p in enumerate(prompts):
-            engine.add_request(f"{tag}{i}", p, params)
-        while engine.has_unfinished():
-            for u in engine.step():
-                tokens[u.request_id].extend(u.new_token_ids)
-        return tuple(tuple(t) for t in tokens.values())
-
     before = platform.compile_count()
     assert isinstance(before, int), f"static_shapes declared but compile_count() returned {before!r}, not an int"
     steps0 = engine.stats().steps
-    got = workload("a")
+    got = _run_engine(engine, prompts, params, "a")
     first = platform.compile_count() - before
     steps = engine.stats().steps - steps0
-    again = workload("b")
+    again = _run_engine(engine, prompts, params, "b")
     second = platform.compile_count() - before - first
     assert got == again == reference_tokens(arch, dtype_name), \
         f"padded steps changed the tokens: {_describe_mismatch(got, reference_tokens(arch, dtype_name))}"
@@ -231,13 +227,7 @@ def graph_check(target, platform, arch: str = MODELS[0]) -> str:
                                           max_num_batched_tokens=CHUNK * 2, max_num_seqs=4, kv_cache_memory=16 << 20,
                                           max_model_len=256, enforce_eager=eager)
         engine = EngineCore(config, plugin_manager=target.pm)
-        tokens = {str(i): [] for i in range(len(prompts))}
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params[i])
-        while engine.has_unfinished():
-            for u in engine.step():
-                tokens[u.request_id].extend(u.new_token_ids)
-        return engine, tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
+        return engine, _run_engine(engine, prompts, params)
 
     eager_engine, want = run(True)
     engine, got = run(False)
@@ -260,6 +250,7 @@ def overlap_check(target, platform, arch: str = MODELS[0]) -> str:
     from tokenmill.engine.engine_core import EngineCore
     from tokenmill.models.loader import load_config
     from tokenmill.sampling_params import SamplingParams
+    from tokenmill.testing import record_plan_events
     from tokenmill.testing.tiny_models import make_tiny_model
 
     path = make_tiny_model(arch)
@@ -272,19 +263,10 @@ def overlap_check(target, platform, arch: str = MODELS[0]) -> str:
                                           max_num_batched_tokens=CHUNK * 2, max_model_len=256,
                                           kv_cache_memory=16 << 20, overlap=overlap)
         engine = EngineCore(config, plugin_manager=target.pm)
-        events = []  # "S" a plan made, "U" a step's results applied: "SS" is a plan made ahead
-        sched = engine.scheduler
-        schedule, update = sched.schedule, sched.update
-        sched.schedule = lambda: (events.append("S"), schedule())[1]
-        sched.update = lambda out, res: (events.append("U"), update(out, res))[1]
-        tokens = {str(i): [] for i in range(len(prompts))}
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
-        while engine.has_unfinished():
-            for u in engine.step():
-                tokens[u.request_id].extend(u.new_token_ids)
+        events = record_plan_events(engine.scheduler)
+        got = _run_engine(engine, prompts, params)
         engine.shutdown()
-        return tuple(tuple(tokens[str(i)]) for i in range(len(prompts))), "".join(events).count("SS")
+        return got, "".join(events).count("SS")
 
     want, _ = run(False)
     got, ahead = run(True)
@@ -312,15 +294,8 @@ def swap_check(target, platform, arch: str = MODELS[0]) -> str:
                                       max_num_batched_tokens=sum(PROMPT_LENS), num_blocks=18, max_model_len=256,
                                       enable_prefix_caching=False, preemption_mode="swap", num_swap_blocks=16)
     engine = EngineCore(config, plugin_manager=target.pm)
-    prompts = _prompts(load_config(path).vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
-    tokens = {str(i): [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    while engine.has_unfinished():
-        for u in engine.step():
-            tokens[u.request_id].extend(u.new_token_ids)
-    got = tuple(tuple(tokens[str(i)]) for i in range(len(prompts)))
+    got = _run_engine(engine, _prompts(load_config(path).vocab_size), params)
     want = reference_tokens(arch, dtype_name)
     assert got == want, f"with preemption by swap: {_describe_mismatch(got, want)}"
     stats = engine.stats()

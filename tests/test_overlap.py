@@ -13,6 +13,7 @@ import pytest
 from tokenmill.guided import StructuredOutputsParams
 from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.testing import record_plan_events
 from tokenmill.testing.tiny_models import make_tiny_model
 
 SHARED = list(range(40, 90))  # a 50-token prefix that several prompts share
@@ -45,11 +46,7 @@ def _workload():
 
 def _run(model, overlap: bool, **kw):
     llm = LLM(model, device="cpu", dtype="float32", overlap=overlap, max_model_len=256, **kw)
-    events = []
-    sched = llm.engine.scheduler
-    schedule, update = sched.schedule, sched.update
-    sched.schedule = lambda: (events.append("S"), schedule())[1]
-    sched.update = lambda out, res: (events.append("U"), update(out, res))[1]
+    events = record_plan_events(llm.engine.scheduler)
     prompts, params = _workload()
     outs = llm.generate(prompts, params)
     got = [[(c.text, list(c.token_ids), c.finish_reason) for c in o.outputs] for o in outs]
