@@ -215,38 +215,60 @@ def skip_slot_check(backend: type, device, dtype: str, seed: int = 0) -> str:
     return "slot -1 writes nothing"
 
 
+class _PageRig:
+    """What the block-moving checks share: a backend (4 query heads) over a paged cache of 8 pages
+    of 16 tokens, a 32-token prefill written to pages 5 and 1 (table ``[5, 1, 6]``), then decodes."""
+
+    bs, hk, d, ctx = 16, KV_HEADS, 64, 32
+
+    def __init__(self, backend: type, device, dtype: str, seed: int):
+        import torch
+
+        spec = AttentionSpec(4, KV_HEADS, 64, dtype)
+        if backend.supports(spec):
+            raise Skip(f"declared unsupported: {backend.supports(spec)}")
+        self.backend, self.device, self.tested = backend, device, backend(spec)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = getattr(torch, dtype)
+        self.cache = torch.zeros(backend.kv_cache_shape(8, self.bs, self.hk, self.d), dtype=self.dtype, device=device)
+
+    def rand(self, n: int, heads: int):
+        import torch
+
+        return torch.randn(n, heads, self.d, generator=self.gen).to(device=self.device, dtype=self.dtype)
+
+    def step(self, tables, qlen: int, slen: int, slots, q, k, v):
+        """One attention call: ``len(tables)`` sequences of ``qlen`` new tokens each, at context ``slen``."""
+        import torch
+
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([i * qlen for i in range(len(tables) + 1)], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([slen] * len(tables), dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=qlen, max_seq_len=slen, query_lens_cpu=[qlen] * len(tables),
+            seq_lens_cpu=[slen] * len(tables), block_size=self.bs)
+        self.backend.prepare(meta)
+        return self.tested.forward(q, k, v, self.cache, meta)
+
+    def prefill(self) -> None:
+        bs, ctx, hk = self.bs, self.ctx, self.hk
+        self.step([[5, 1, 6]], ctx, ctx, [5 * bs + i for i in range(bs)] + [1 * bs + i for i in range(bs)],
+                  self.rand(ctx, 4), self.rand(ctx, hk), self.rand(ctx, hk))
+
+
 def copy_blocks_check(backend: type, device, dtype: str, seed: int = 0) -> str:
     """``copy_blocks`` duplicates pages: a decode over the copies equals one over the originals."""
     import torch
 
-    spec = AttentionSpec(4, KV_HEADS, 64, dtype)
-    if backend.supports(spec):
-        raise Skip(f"declared unsupported: {backend.supports(spec)}")
-    gen = torch.Generator().manual_seed(seed)
-    bs, hk, d, ctx = 16, KV_HEADS, 64, 32
-    num_blocks = 8
-    tdtype = getattr(torch, dtype)
-    cache = torch.zeros(backend.kv_cache_shape(num_blocks, bs, hk, d), dtype=tdtype, device=device)
-    tested = backend(spec)
-
-    def step(tables, qlen, slen, slots, q, k, v):
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([i * qlen for i in range(len(tables) + 1)], dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([slen] * len(tables), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            max_query_len=qlen, max_seq_len=slen, query_lens_cpu=[qlen] * len(tables),
-            seq_lens_cpu=[slen] * len(tables), block_size=bs)
-        backend.prepare(meta)
-        return tested.forward(q, k, v, cache, meta)
-
-    r = lambda n, heads: torch.randn(n, heads, d, generator=gen).to(device=device, dtype=tdtype)  # noqa: E731
-    step([[5, 1, 6]], ctx, ctx, [5 * bs + i for i in range(bs)] + [1 * bs + i for i in range(bs)],
-         r(ctx, 4), r(ctx, hk), r(ctx, hk))
-    backend.copy_blocks([cache], [(5, 2), (1, 7)])
-    q, k, v = r(1, 4), r(1, hk), r(1, hk)
-    out = step([[5, 1, 6], [2, 7, 3]], 1, ctx + 1, [6 * bs, 3 * bs],
-               torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]))
+    rig = _PageRig(backend, device, dtype, seed)
+    bs, ctx, hk = rig.bs, rig.ctx, rig.hk
+    rig.prefill()
+    backend.copy_blocks([rig.cache], [(5, 2), (1, 7)])
+    q, k, v = rig.rand(1, 4), rig.rand(1, hk), rig.rand(1, hk)
+    out = rig.step([[5, 1, 6], [2, 7, 3]], 1, ctx + 1, [6 * bs, 3 * bs],
+                   torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]))
     atol, rtol = attention_tolerance(dtype)
     compare("decode over copied pages vs over the originals", out[1:], out[:1], atol, rtol)
     return "copied pages attend like the originals"
@@ -256,37 +278,17 @@ def swap_blocks_check(backend: type, device, dtype: str, seed: int = 0) -> str:
     """``swap_blocks`` to a host cache and back into other pages: a decode over them equals one over the originals."""
     import torch
 
-    spec = AttentionSpec(4, KV_HEADS, 64, dtype)
-    if backend.supports(spec):
-        raise Skip(f"declared unsupported: {backend.supports(spec)}")
-    gen = torch.Generator().manual_seed(seed)
-    bs, hk, d, ctx = 16, KV_HEADS, 64, 32
-    tdtype = getattr(torch, dtype)
-    cache = torch.zeros(backend.kv_cache_shape(8, bs, hk, d), dtype=tdtype, device=device)
-    host = torch.zeros(backend.kv_cache_shape(4, bs, hk, d), dtype=tdtype)
-    tested = backend(spec)
-
-    def step(tables, qlen, slen, slots, q, k, v):
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([i * qlen for i in range(len(tables) + 1)], dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([slen] * len(tables), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            max_query_len=qlen, max_seq_len=slen, query_lens_cpu=[qlen] * len(tables),
-            seq_lens_cpu=[slen] * len(tables), block_size=bs)
-        backend.prepare(meta)
-        return tested.forward(q, k, v, cache, meta)
-
-    r = lambda n, heads: torch.randn(n, heads, d, generator=gen).to(device=device, dtype=tdtype)  # noqa: E731
-    step([[5, 1, 6]], ctx, ctx, [5 * bs + i for i in range(bs)] + [1 * bs + i for i in range(bs)],
-         r(ctx, 4), r(ctx, hk), r(ctx, hk))
-    q, k, v = r(1, 4), r(1, hk), r(1, hk)
-    want = step([[5, 1, 6]], 1, ctx + 1, [6 * bs], q, k, v)
+    rig = _PageRig(backend, device, dtype, seed)
+    bs, ctx, hk, cache = rig.bs, rig.ctx, rig.hk, rig.cache
+    host = torch.zeros(backend.kv_cache_shape(4, bs, hk, rig.d), dtype=rig.dtype)
+    rig.prefill()
+    q, k, v = rig.rand(1, 4), rig.rand(1, hk), rig.rand(1, hk)
+    want = rig.step([[5, 1, 6]], 1, ctx + 1, [6 * bs], q, k, v)
     backend.swap_blocks([cache], [host], [(5, 2), (1, 3)])  # out (non-consecutive: two runs)
-    garbage = torch.randn(cache.shape, generator=gen).to(device=device, dtype=tdtype) * 100
+    garbage = torch.randn(cache.shape, generator=rig.gen).to(device=device, dtype=rig.dtype) * 100
     cache.copy_(garbage)  # the freed pages are reused by others
     backend.swap_blocks([host], [cache], [(2, 0), (3, 7)])  # back, into other pages
-    got = step([[0, 7, 4]], 1, ctx + 1, [4 * bs], q, k, v)
+    got = rig.step([[0, 7, 4]], 1, ctx + 1, [4 * bs], q, k, v)
     atol, rtol = attention_tolerance(dtype)
     compare("decode over pages swapped out and back vs over the originals", got, want, atol, rtol)
     return "pages swapped to a host cache and back attend like the originals"
