@@ -341,10 +341,10 @@ class EngineCore:
         return updates
 
     def drain(self) -> None:
-        """Wait for the step in flight (overlap) and drop its results: after a failure, or before shutdown."""
+        """Wait for the step in flight (overlap) and drop its results: after a failure, or before shutdown.
+        (Its plan was submitted, so the runner has its finished ids; nothing to send again.)"""
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
-            self.scheduler.requeue_finished(inflight[0].finished)
             try:
                 inflight[1].result()
             except BaseException:  # the step's own failure was or will be reported by step()
