@@ -15,12 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from tokenmill.extensions import one_line
 from tokenmill.platform import Availability, Capabilities, MemoryInfo, Platform
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class CapturedGraph:
@@ -92,7 +88,7 @@ class AcceleratorPlatform(Platform):
         try:
             import torch
         except Exception as exc:  # noqa: BLE001 - availability() never raises
-            return Availability(False, f"torch failed to import: {_one_line(exc)}")
+            return Availability(False, f"torch failed to import: {one_line(exc)}")
         problem = self.build_problem(torch)
         if problem:
             return Availability(False, problem)
@@ -105,7 +101,7 @@ class AcceleratorPlatform(Platform):
                 return Availability(False, f"no {self.label} device visible "
                                            f"(torch.{self.torch_device_type}.is_available() is False)")
         except Exception as exc:  # noqa: BLE001
-            return Availability(False, f"{self.label} initialisation failed: {_one_line(exc)}")
+            return Availability(False, f"{self.label} initialisation failed: {one_line(exc)}")
         return Availability(True)
 
     @property
@@ -173,5 +169,5 @@ class AcceleratorPlatform(Platform):
                 facts["device_count"] = mod.device_count()
                 facts["devices"] = [self.device_facts(i) for i in range(mod.device_count())]
         except Exception as exc:  # noqa: BLE001 - describe() never raises
-            facts["error"] = _one_line(exc)
+            facts["error"] = one_line(exc)
         return facts

@@ -13,11 +13,11 @@ ops actually ran rather than which were registered.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections import Counter
-from importlib import metadata
+
+from tokenmill.extensions import optional_extension
 
 log = logging.getLogger(__name__)
 MODULE, DIST = "intel_extension_for_pytorch", "intel-extension-for-pytorch"
@@ -25,54 +25,29 @@ ENV_IPEX = "TOKENMILL_CPU_IPEX"
 #: IPEX op name -> calls made in this process (through :func:`counted`).
 CALLS: Counter = Counter()
 
+#: The outcome of importing IPEX (see :func:`tokenmill.extensions.optional_extension`).
 _loaded: dict = {}
 
 
-def _major_minor(version: str) -> tuple[str, ...]:
-    return tuple(version.split("+", 1)[0].split(".")[:2])
-
-
-def _import_ipex():
-    """``(module or None, error or None)``; imported once per process."""
-    if "result" not in _loaded:
-        try:
-            import intel_extension_for_pytorch as ipex
-
-            _loaded["result"] = (ipex, None)
-        except Exception as exc:  # noqa: BLE001 - any import failure means: do not use IPEX
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _loaded["result"] = (None, f"{type(exc).__name__}: {first}")
-    return _loaded["result"]
+def _ipex():
+    """``(the IPEX module or None, reason)``."""
+    if os.environ.get(ENV_IPEX, "").strip() == "0":
+        return None, f"{ENV_IPEX}=0: intel-extension-for-pytorch not used (torch paths serve)"
+    return optional_extension(MODULE, DIST, "torch paths serve", _loaded)
 
 
 def ipex_status() -> tuple[bool, str]:
     """``(usable, reason)``: whether IPEX can be used with this torch, and why not."""
-    if os.environ.get(ENV_IPEX, "").strip() == "0":
-        return False, f"{ENV_IPEX}=0: intel-extension-for-pytorch not used (torch paths serve)"
-    if importlib.util.find_spec(MODULE) is None:
-        return False, "intel-extension-for-pytorch is not installed; skipped (torch paths serve)"
-    try:
-        import torch
-
-        version = metadata.version(DIST)
-    except metadata.PackageNotFoundError:
-        return False, "intel-extension-for-pytorch found without package metadata; skipped"
-    if _major_minor(version) != _major_minor(torch.__version__):
-        return False, (f"intel-extension-for-pytorch {version} does not match torch {torch.__version__}; "
-                       f"skipped (torch paths serve)")
-    module, error = _import_ipex()
-    if module is None:
-        return False, f"intel-extension-for-pytorch {version} failed to import ({error}); skipped"
-    return True, f"intel-extension-for-pytorch {version}"
+    module, reason = _ipex()
+    return module is not None, reason
 
 
 def load_ipex():
     """The imported IPEX module when :func:`ipex_status` says it is usable, else None (reason logged)."""
-    usable, reason = ipex_status()
-    if not usable:
+    module, reason = _ipex()
+    if module is None:
         log.info("tokenmill-cpu: %s", reason)
-        return None
-    return _import_ipex()[0]
+    return module
 
 
 def counted(name: str, fn):

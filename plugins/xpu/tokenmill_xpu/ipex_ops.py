@@ -22,46 +22,36 @@ from __future__ import annotations
 import logging
 
 from tokenmill.attention.interface import AttentionBackend, AttentionMetadata
+from tokenmill.extensions import optional_extension
 
 log = logging.getLogger(__name__)
+#: The outcome of importing IPEX (see :func:`tokenmill.extensions.optional_extension`).
 _loaded: dict = {}
+
+
+def _xpu_ipex():
+    """``(the IPEX module or None, reason)`` on the xpu platform."""
+    from tokenmill_xpu import platform
+
+    def gate(version: str) -> str | None:
+        return None if platform.is_xpu_build(version) else "is not the XPU build (the CPU build serves the cpu plugin)"
+
+    return optional_extension(platform.IPEX_MODULE, platform.IPEX_DIST,
+                              "the shared Triton kernels or the reference serve", _loaded, gate)
 
 
 def xpu_ipex_status() -> tuple[bool, str]:
     """``(usable, reason)`` for IPEX on the xpu platform."""
-    import torch
-
-    from tokenmill_xpu.platform import ipex_status
-
-    facts = ipex_status(torch.__version__)
-    version = facts["ipex"]
-    if version is None:
-        return False, "intel-extension-for-pytorch is not installed; the shared Triton kernels or the reference serve"
-    if facts["ipex_for_xpu"] is None:
-        return False, "intel-extension-for-pytorch found without package metadata; skipped"
-    if not facts["ipex_for_xpu"]:
-        return False, f"intel-extension-for-pytorch {version} is not the XPU build; skipped on xpu"
-    if not facts["ipex_matches_torch"]:
-        return False, f"intel-extension-for-pytorch {version} does not match torch {torch.__version__}; skipped"
-    if "result" not in _loaded:
-        try:
-            import intel_extension_for_pytorch as ipex
-
-            _loaded["result"] = (ipex, None)
-        except Exception as exc:  # noqa: BLE001 - any import failure means: do not use IPEX
-            _loaded["result"] = (None, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")
-    if _loaded["result"][0] is None:
-        return False, f"intel-extension-for-pytorch {version} failed to import ({_loaded['result'][1]}); skipped"
-    return True, f"intel-extension-for-pytorch {version}"
+    module, reason = _xpu_ipex()
+    return module is not None, reason
 
 
 def load_xpu_ipex():
     """The IPEX module when :func:`xpu_ipex_status` says it is usable, else None."""
-    usable, reason = xpu_ipex_status()
-    if not usable:
+    module, reason = _xpu_ipex()
+    if module is None:
         log.info("tokenmill-xpu: %s", reason)
-        return None
-    return _loaded["result"][0]
+    return module
 
 
 def xpu_ipex_kernels(provider: str, ipex=None) -> list:

@@ -8,31 +8,28 @@ never to answer availability or describe the platform.
 """
 from __future__ import annotations
 
-import importlib.util
-from importlib import metadata
-
 from tokenmill.accelerator import AcceleratorPlatform
+from tokenmill.extensions import installed_version, major_minor
 from tokenmill.platform import Capabilities
 
 IPEX_MODULE = "intel_extension_for_pytorch"
 IPEX_DIST = "intel-extension-for-pytorch"
 
 
-def _major_minor(version: str) -> tuple[str, ...]:
-    return tuple(version.split("+", 1)[0].split(".")[:2])
+def is_xpu_build(version: str) -> bool:
+    """Whether an IPEX version is the XPU build (``+xpu``; the CPU build serves the cpu plugin)."""
+    return "xpu" in version.partition("+")[2]
 
 
 def ipex_status(torch_version: str | None) -> dict:
     """Whether IPEX is installed, whether its major.minor matches torch's (IPEX's own rule), and
-    whether it is the XPU build (``+xpu`` in its version; the CPU build serves the cpu plugin)."""
-    if importlib.util.find_spec(IPEX_MODULE) is None:
-        return {"ipex": None, "ipex_matches_torch": None, "ipex_for_xpu": None}
-    try:
-        version = metadata.version(IPEX_DIST)
-    except metadata.PackageNotFoundError:
-        return {"ipex": "unknown version", "ipex_matches_torch": None, "ipex_for_xpu": None}
-    matches = None if torch_version is None else _major_minor(version) == _major_minor(torch_version)
-    return {"ipex": version, "ipex_matches_torch": matches, "ipex_for_xpu": "xpu" in version.partition("+")[2]}
+    whether it is the XPU build (:func:`is_xpu_build`)."""
+    version = installed_version(IPEX_MODULE, IPEX_DIST)
+    if not version:
+        return {"ipex": None if version is None else "unknown version", "ipex_matches_torch": None,
+                "ipex_for_xpu": None}
+    matches = None if torch_version is None else major_minor(version) == major_minor(torch_version)
+    return {"ipex": version, "ipex_matches_torch": matches, "ipex_for_xpu": is_xpu_build(version)}
 
 
 class XpuPlatform(AcceleratorPlatform):
