@@ -456,7 +456,7 @@ def test_bench_serve_side_by_side(server, model_dir, tmp_path):
 
 
 def test_side_by_side_table_flags_different_outputs():
-    from tokenmill.bench.serve import side_by_side_table
+    from tokenmill.bench.side_by_side import side_by_side_table
 
     def lvl(tok_s, digest):
         return {"output_tok_s": tok_s, "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_mean_ms": 2.0,

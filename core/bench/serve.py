@@ -9,11 +9,7 @@ p50, p99). A PNG plot of latency against concurrency is written with matplotlib 
 Works against any server that speaks the OpenAI completions API (vLLM, SGLang, ...).
 
 ``--against-vllm PYTHON|URL`` (with ``--launch MODEL``) runs the same levels against vLLM-CPU in
-the same run: its OpenAI server is started from that environment's interpreter on the same
-checkpoint (or the URL is used as is), the engines take turns (``--pairs N`` rounds, one
-server up at a time so they never share the cores), and the table gives each figure per round
-with the tokenmill/vLLM ratio; the plot draws both engines. The greedy text each engine
-returned at each level is compared, so a ratio is only quoted for the same work.
+the same run (:mod:`tokenmill.bench.side_by_side`).
 """
 from __future__ import annotations
 
@@ -21,14 +17,12 @@ import argparse
 import asyncio
 import json
 import os
+import hashlib
 import shlex
 import subprocess
 import sys
 import time
-import hashlib
 from dataclasses import dataclass, field
-
-from tokenmill.bench import vllm_peer
 
 DEFAULT_PROMPT = (
     "The Python language reference describes the exact syntax and semantics of the language. "
@@ -84,7 +78,8 @@ def _pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def _mean(values: list[float]) -> float:
+def mean(values: list[float]) -> float:
+    """The mean (nan of nothing)."""
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -157,8 +152,8 @@ async def _level(base: str, headers: dict, body: dict, concurrency: int, num_req
         "errors": sorted({r.error for r in results if not r.ok})[:3], "duration_s": duration,
         "request_throughput": len(good) / duration, "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration,
-        "ttft_mean_ms": 1e3 * _mean(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
-        "itl_mean_ms": 1e3 * _mean(itl), "itl_p50_ms": 1e3 * _pct(itl, 0.5), "itl_p99_ms": 1e3 * _pct(itl, 0.99),
+        "ttft_mean_ms": 1e3 * mean(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
+        "itl_mean_ms": 1e3 * mean(itl), "itl_p50_ms": 1e3 * _pct(itl, 0.5), "itl_p99_ms": 1e3 * _pct(itl, 0.99),
         # every request sends the same greedy prompt, so one digest stands for the level's output
         "outputs": sorted({hashlib.sha1(r.text.encode()).hexdigest()[:12] for r in good}),
     }
@@ -204,7 +199,8 @@ def plot(results: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _launch(args) -> tuple[subprocess.Popen, str]:
+def launch_server(args) -> tuple[subprocess.Popen, str]:
+    """Start ``tokenmill serve`` (``--launch``, ``--launch-args``) on a free port; the process and its URL once healthy."""
     import socket
 
     import httpx
@@ -232,7 +228,8 @@ def _launch(args) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the launched server did not become healthy within 600 s")
 
 
-def _prompt(args) -> str:
+def prompt_text(args) -> str:
+    """The prompt every request sends: ``--prompt-text``, a workload's ``serve_text``, or the default."""
     prompt = args.prompt_text or DEFAULT_PROMPT
     if args.workload:
         with open(args.workload) as f:
@@ -242,7 +239,8 @@ def _prompt(args) -> str:
     return prompt
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def stop_server(proc: subprocess.Popen | None) -> None:
+    """Interrupt a launched server and wait for it (killed after 30 s); None is nothing to stop."""
     if proc is None:
         return
     proc.send_signal(2)
@@ -253,7 +251,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def _measure(base: str, headers: dict, model: str | None, prompt: str, levels: list[int], args) -> tuple[str, list]:
+def measure(base: str, headers: dict, model: str | None, prompt: str, levels: list[int], args) -> tuple[str, list]:
     """Every concurrency level against one server; returns the model name asked for and one dict per level."""
     import httpx
 
@@ -276,7 +274,8 @@ def _measure(base: str, headers: dict, model: str | None, prompt: str, levels: l
     return model, results
 
 
-def _headers(args) -> dict:
+def auth_headers(args) -> dict:
+    """The bearer header of ``--api-key`` (or ``$TOKENMILL_API_KEY`` / ``$OPENAI_API_KEY``), if any."""
     key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or os.environ.get("OPENAI_API_KEY")
     return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -291,16 +290,18 @@ def run(args) -> int:
     if not 1 <= args.pairs <= 20:
         raise ValueError(f"--pairs must be in [1, 20], got {args.pairs}")
     if args.against_vllm:
-        return _run_side_by_side(args, levels)
-    prompt = _prompt(args)
+        from tokenmill.bench.side_by_side import run_side_by_side
+
+        return run_side_by_side(args, levels)
+    prompt = prompt_text(args)
     proc = None
     base = args.base_url.rstrip("/").removesuffix("/v1")
     if args.launch:
-        proc, base = _launch(args)
+        proc, base = launch_server(args)
     try:
-        model, results = _measure(base, _headers(args), args.model, prompt, levels, args)
+        model, results = measure(base, auth_headers(args), args.model, prompt, levels, args)
     finally:
-        _stop(proc)
+        stop_server(proc)
     print(f"\nserver {base}, model {model}, {args.num_requests} streaming requests per level, "
           f"max_tokens {args.max_tokens}")
     print(format_table(results))
@@ -311,95 +312,3 @@ def run(args) -> int:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
     return 1 if any(r["failed"] for r in results) else 0
-
-
-def _vllm_model_path(args) -> str:
-    if args.launch == "default":
-        from tokenmill.default_model import DEFAULT_MODEL_DIR
-
-        return str(DEFAULT_MODEL_DIR)
-    return os.path.abspath(args.launch)
-
-
-def _run_side_by_side(args, levels: list[int]) -> int:
-    """tokenmill and vLLM in turns, ``--pairs`` rounds, then one table of per-round figures and ratios."""
-    if not args.launch:
-        raise ValueError("--against-vllm needs --launch MODEL: both engines serve the same checkpoint")
-    prompt = _prompt(args)
-    headers = _headers(args)
-    runs: dict[str, list[list[dict]]] = {"tokenmill": [], "vllm": []}
-    for k in range(args.pairs):
-        print(f"round {k + 1}/{args.pairs}: tokenmill", file=sys.stderr, flush=True)
-        proc, base = _launch(args)
-        try:
-            _, res = _measure(base, headers, None, prompt, levels, args)
-        finally:
-            _stop(proc)
-        runs["tokenmill"].append(res)
-        print(f"round {k + 1}/{args.pairs}: vLLM", file=sys.stderr, flush=True)
-        with vllm_peer.vllm_server(args.against_vllm, _vllm_model_path(args), args.dtype) as vbase:
-            _, res = _measure(vbase, headers, vllm_peer.served_model_name(vbase), prompt, levels, args)
-        runs["vllm"].append(res)
-    table, same = side_by_side_table(runs, levels)
-    print(f"\n{args.num_requests} streaming requests per level, max_tokens {args.max_tokens}, "
-          f"{args.pairs} round(s), servers in turns")
-    print(table)
-    if args.plot:
-        plot_side_by_side(runs, levels, args.plot, f"{os.path.basename(_vllm_model_path(args))}: tokenmill vs vLLM")
-        print(f"plot: {args.plot}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(runs, f, indent=2)
-    failed = any(r["failed"] for eng in runs.values() for rnd in eng for r in rnd)
-    return 1 if failed or not same else 0
-
-
-def _mean_of(rounds: list[list[dict]], i: int, key: str) -> float:
-    return _mean([rnd[i][key] for rnd in rounds])
-
-
-def side_by_side_table(runs: dict[str, list[list[dict]]], levels: list[int]) -> tuple[str, bool]:
-    """A markdown table: per level and metric, each round's figure for both engines and the mean ratio.
-
-    Returns the table and whether both engines produced the same greedy text at every level."""
-    metrics = [("output_tok_s", "out tok/s", "{:,.0f}"), ("ttft_p50_ms", "TTFT p50 ms", "{:,.0f}"),
-               ("ttft_p99_ms", "TTFT p99 ms", "{:,.0f}"), ("itl_mean_ms", "ITL mean ms", "{:.1f}")]
-    lines = ["| conc | metric | tokenmill | vLLM | ratio |", "|---|---|---|---|---|"]
-    same = True
-    for i, c in enumerate(levels):
-        for key, label, fmt in metrics:
-            cells = [" / ".join(fmt.format(rnd[i][key]) for rnd in runs[eng]) for eng in ("tokenmill", "vllm")]
-            ratio = _mean_of(runs["tokenmill"], i, key) / _mean_of(runs["vllm"], i, key)
-            lines.append(f"| {c} | {label} | {cells[0]} | {cells[1]} | {ratio:.2f}x |")
-        outs = {eng: {d for rnd in runs[eng] for d in rnd[i]["outputs"]} for eng in runs}
-        if outs["tokenmill"] != outs["vllm"]:
-            same = False
-    verdict = ("greedy output identical between the engines at every level" if same else
-               "WARNING: greedy outputs differ between the engines; the ratios compare different work")
-    return "\n".join(lines) + "\n" + verdict, same
-
-
-def plot_side_by_side(runs: dict[str, list[list[dict]]], levels: list[int], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    panels = ((axes[0], ("output_tok_s",), "output tokens/s"), (axes[1], ("ttft_p50_ms", "ttft_p99_ms"), "TTFT (ms)"),
-              (axes[2], ("itl_mean_ms",), "inter-token latency, mean (ms)"))
-    for eng, color in (("tokenmill", "tab:blue"), ("vllm", "tab:orange")):
-        for ax, keys, label in panels:
-            for key, style in zip(keys, ("o-", "^:")):
-                ax.plot(levels, [_mean_of(runs[eng], i, key) for i in range(len(levels))], style, color=color,
-                        label=f"{eng} {key.split('_')[1] if len(keys) > 1 else ''}".strip())
-            ax.set_ylabel(label)
-    for ax in axes:
-        ax.set_xlabel("concurrency")
-        ax.set_xscale("log", base=2)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
