@@ -1,10 +1,9 @@
 """One base for GPU-like platforms, built on torch's device-generic APIs.
 
-NVIDIA (``torch.cuda``), AMD (a HIP build of torch, also ``torch.cuda``) and Intel
-(``torch.xpu``) GPUs expose the same interface through ``torch.get_device_module`` and
-``torch.accelerator``: availability, device count and properties, free/total memory,
-the caching allocator, synchronisation, streams, and (where the backend has them)
-graphs. :class:`AcceleratorPlatform` implements the whole :class:`~tokenmill.platform.Platform`
+GPU-like device backends of torch expose the same interface through
+``torch.get_device_module`` and ``torch.accelerator``: availability, device count and
+properties, free/total memory, the caching allocator, synchronisation, streams, and (where
+the backend has them) graphs. :class:`AcceleratorPlatform` implements the whole :class:`~tokenmill.platform.Platform`
 contract on that interface; a vendor plugin subclasses it and supplies only what is
 truly its own: how to tell its torch build apart (:meth:`~AcceleratorPlatform.build_problem`),
 which dtypes and FP8 the device has (:meth:`~AcceleratorPlatform.probe_capabilities`),
@@ -37,12 +36,13 @@ class AcceleratorPlatform(Platform):
     Subclasses set ``name``, ``torch_device_type``, ``priority``, ``dist_backend`` and
     ``label`` (the vendor's name of the device family, for messages), and override
     :meth:`build_problem`, :meth:`probe_capabilities` and :meth:`device_facts` as needed.
-    ``graph_class`` names the device module's graph class (``"CUDAGraph"``) when the
-    backend can capture graphs; capture then goes through :meth:`capture_graph`.
+    ``graph_class`` names the device module's graph class (a platform's graph API) when
+    the backend can capture graphs; capture then goes through :meth:`capture_graph`.
     """
 
     label: str = "accelerator"
-    #: Name of the graph class in the device module (``torch.cuda.CUDAGraph``); None: no graphs.
+    #: Name of the graph class in the device module (``getattr(device_module(), graph_class)()``
+    #: is captured under ``device_module().graph``); None: no graphs.
     graph_class: str | None = None
 
     def __init__(self):
@@ -79,7 +79,7 @@ class AcceleratorPlatform(Platform):
 
     # -- the shared implementation --------------------------------------------------------------
     def device_module(self):
-        """``torch.cuda``, ``torch.xpu``...: the device module of ``torch_device_type``."""
+        """The device module of ``torch_device_type`` (``torch.<torch_device_type>``)."""
         import torch
 
         return torch.get_device_module(self.torch_device_type)

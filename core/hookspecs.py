@@ -26,8 +26,8 @@ def tokenmill_platforms():
     Each platform has a unique ``name`` (the value of ``--device``), a torch device type,
     a ``priority`` for ``--device auto`` and an ``availability()`` that answers without
     raising, giving the reason when it is unavailable. Constructing a platform must be
-    cheap and must not import vendor libraries (torch_xla, IPEX) eagerly: import them in
-    ``availability()`` or later. GPU-like devices subclass
+    cheap and must not import vendor libraries (an XLA backend, a vendor's torch extension)
+    eagerly: import them in ``availability()`` or later. GPU-like devices subclass
     :class:`tokenmill.accelerator.AcceleratorPlatform` and add only their vendor specifics.
 
     When the engine starts on a platform, the model runner calls, in this order:

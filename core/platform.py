@@ -61,8 +61,8 @@ class Platform:
 
     ``name`` is the ``--device`` value and the key under which kernels and attention
     backends register (``"cpu"``, ``"cuda"``, ``"rocm"``, ``"xpu"``, ``"tpu"``).
-    ``torch_device_type`` is torch's name for the device (``"cuda"`` for both NVIDIA and
-    AMD, ``"xla"`` for TPU). ``priority`` orders platforms for ``--device auto``.
+    ``torch_device_type`` is torch's name for the device (``"cuda"`` also for a HIP build
+    of torch, ``"xla"`` for an XLA backend). ``priority`` orders platforms for ``--device auto``.
     ``dist_backend`` is the ``torch.distributed`` backend name the tensor-parallel ranks use.
     ``ray_resource`` is the Ray resource one rank reserves on a node (``"CPU"``, ``"GPU"``,
     ``"TPU"``) when the ranks run as Ray actors.
