@@ -102,6 +102,21 @@ def test_abort_with_a_step_in_flight_frees_everything(model):
     assert engine.kv.num_used_blocks == 0 and engine.runner.num_seq_states == 0
 
 
+def test_abort_all_with_a_step_in_flight_frees_everything(model):
+    """abort_all() (after a failed step) drains the step in flight; every state still reaches the runner."""
+    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, overlap=True)
+    engine = llm.engine
+    for i in range(4):
+        engine.add_request(f"r{i}", list(range(3, 30 + i)), SamplingParams(max_tokens=4 + 8 * i, ignore_eos=True))
+    for _ in range(8):  # r0 finishes; a later plan carries its id while a step is in flight
+        engine.step()
+    assert engine._inflight is not None
+    assert sorted(engine.abort_all()) == ["r1", "r2", "r3"]
+    assert engine._inflight is None and engine.kv.num_used_blocks == 0
+    engine.step()  # the runner hears of the aborted sequences
+    assert not engine.has_unfinished() and engine.runner.num_seq_states == 0
+
+
 def test_no_overlap_flag_reaches_the_engine():
     import argparse
 
