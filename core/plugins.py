@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from tokenmill import builtin, hookspecs
+from tokenmill.extensions import one_line
 from tokenmill.platform import Availability, Platform
 from tokenmill.version import CONTRACT_VERSION, __version__, contract_compatible
 
@@ -55,17 +56,12 @@ class PluginFailure:
     traceback: str = ""
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def safe_availability(platform: Platform) -> Availability:
     """``platform.availability()``, turning an exception (a plugin bug) into "unavailable" with the error."""
     try:
         avail = platform.availability()
     except Exception as exc:  # noqa: BLE001 - one broken platform must not break selection
-        return Availability(False, f"availability() raised {_one_line(exc)}")
+        return Availability(False, f"availability() raised {one_line(exc)}")
     if not isinstance(avail, Availability):
         return Availability(bool(avail), "" if avail else "availability() returned a false value without a reason")
     return avail
@@ -108,7 +104,7 @@ class PluginManager:
                 except BaseException as exc:  # noqa: BLE001 - a broken plugin must not stop the others
                     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                         raise
-                    self.failures.append(PluginFailure(ep.name, dist, version, exc, _one_line(exc),
+                    self.failures.append(PluginFailure(ep.name, dist, version, exc, one_line(exc),
                                                        traceback.format_exc()))
                     continue
                 self._register(ep.name, dist, version, module)
@@ -142,7 +138,7 @@ class PluginManager:
         try:
             self.pm.register(module, name=name)
         except Exception as exc:  # e.g. a hookimpl whose arguments do not match its hookspec
-            self.failures.append(PluginFailure(name, dist, version, exc, _one_line(exc), traceback.format_exc()))
+            self.failures.append(PluginFailure(name, dist, version, exc, one_line(exc), traceback.format_exc()))
             return False
         # pluggy's check_pending() would raise for the whole manager; refuse only this plugin.
         unknown = sorted(c.name for c in self.pm.get_hookcallers(module) or ()
@@ -177,7 +173,7 @@ class PluginManager:
                 results = [x for res in caller() for x in (res or [])]
             except Exception as exc:  # noqa: BLE001
                 self.failures.append(PluginFailure(info.name, info.dist, info.version, exc,
-                                                   f"tokenmill_{registry} raised {_one_line(exc)}",
+                                                   f"tokenmill_{registry} raised {one_line(exc)}",
                                                    traceback.format_exc()))
                 results = []
             if registry == "platforms":

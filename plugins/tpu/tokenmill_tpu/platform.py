@@ -14,15 +14,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from tokenmill.extensions import one_line
 from tokenmill.platform import Availability, Capabilities, MemoryInfo, Platform, host_memory_info
 
 #: PJRT devices this platform runs on: a real TPU, or XLA:CPU for testing.
 PJRT_DEVICES = ("TPU", "CPU")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class TpuPlatform(Platform):
@@ -49,7 +45,7 @@ class TpuPlatform(Platform):
 
             device_type = xr.device_type()
         except Exception as exc:  # noqa: BLE001 - availability() never raises
-            return Availability(False, f"torch_xla failed to import: {_one_line(exc)}")
+            return Availability(False, f"torch_xla failed to import: {one_line(exc)}")
         if device_type is None:
             return Availability(False, "torch_xla found but no PJRT device selected (set PJRT_DEVICE=TPU)")
         if str(device_type).upper() not in PJRT_DEVICES:
@@ -57,7 +53,7 @@ class TpuPlatform(Platform):
         try:
             count = xr.global_runtime_device_count()
         except Exception as exc:  # noqa: BLE001
-            return Availability(False, f"PJRT {device_type} runtime failed to start: {_one_line(exc)}")
+            return Availability(False, f"PJRT {device_type} runtime failed to start: {one_line(exc)}")
         if not count:
             return Availability(False, f"torch_xla found but no {device_type} device visible")
         return Availability(True)
@@ -140,5 +136,5 @@ class TpuPlatform(Platform):
 
                     facts["attention"] = attention_mode()
         except Exception as exc:  # noqa: BLE001 - describe() never raises
-            facts["error"] = _one_line(exc)
+            facts["error"] = one_line(exc)
         return facts
