@@ -87,7 +87,10 @@ def tokenmill_quantization_methods():
     reference implementation of the format within the conformance suite's tolerances.
     The core registers a reference (dequantize, then matmul) class for every format; a
     plugin adds a faster one by subclassing it at a higher priority for its platform.
-    The full contract is in :mod:`tokenmill.quant.interface`.
+    The online mode ``"none"`` is the float linear itself: a subclass of
+    :class:`tokenmill.quant.UnquantizedMethod` serving ``"none"`` replaces ``F.linear`` for
+    every layer left unquantized on its platform (its constructor refuses the dtypes it
+    does not serve). The full contract is in :mod:`tokenmill.quant.interface`.
     """
 
 

@@ -194,3 +194,37 @@ def test_w8a8_agreement_with_fp32():
     same = sum(a == b for x, y in zip(fp32, w8a8) for a, b in zip(x, y)) / sum(map(len, fp32))
     print(f"w8a8 greedy agreement with fp32: {same:.1%}")
     assert same > 0.5  # per-token int8 activations on random weights: close, not equal
+
+
+def test_platform_float_linear_replaces_f_linear_where_it_can():
+    """A plugin's float linear (online mode ``none``) serves unquantized layers on its platform and dtypes."""
+    from tokenmill.quant import UNQUANTIZED, UnquantizedMethod, linear_method
+    from tokenmill.quant.registry import resolve_float_method
+
+    class _FastFloat(UnquantizedMethod):
+        device_types = ("accel",)
+        priority = 10
+
+        def __init__(self, fmt="none", quant_config=None, dtype=None):
+            super().__init__(fmt, quant_config, dtype)
+            if dtype == torch.bfloat16:
+                raise ValueError("float32 only")
+
+    class _Missing(_FastFloat):
+        priority = 20
+
+        @classmethod
+        def available(cls, platform):
+            return "library missing"
+
+    methods = [("tokenmill", UnquantizedMethod), ("plug", _FastFloat), ("plug", _Missing)]
+    fast = resolve_float_method(methods, ACCEL, torch.float32)
+    assert type(fast) is _FastFloat and fast.provider == "plug"
+    assert type(resolve_float_method(methods, ACCEL, torch.bfloat16)) is UnquantizedMethod  # refused dtype
+    assert type(resolve_float_method(methods, CPU, torch.float32)) is UnquantizedMethod  # not registered for cpu
+    assert resolve_float_method(methods[1:], CPU, torch.float32) is UNQUANTIZED  # nothing serves cpu
+    ctx = SimpleNamespace(quantization=None, float_method=fast)
+    assert linear_method(ctx, "model.layers.0.mlp.down_proj") is fast
+    assert linear_method(None, "lm_head") is UNQUANTIZED
+    rows = [r for r in implementation_table(methods, [CPU, ACCEL]) if r["format"] == "none"]
+    assert {r["platform"]: r["implementation"] for r in rows} == {"cpu": "UnquantizedMethod", "accel": "_FastFloat"}

@@ -59,6 +59,9 @@ def model_bytes(model) -> tuple[int, int]:
     def total(items) -> int:
         seen, n = set(), 0
         for t in items:
+            if t.is_mkldnn:  # an opaque repacked weight: no storage to share, its own bytes
+                n += t.numel() * t.element_size()
+                continue
             key = (t.untyped_storage().data_ptr(), t.device.type)
             if key not in seen:
                 seen.add(key)

@@ -23,7 +23,7 @@ from tokenmill.models.interface import ModelContext
 from tokenmill.models.loader import load_model, resolve_dtype
 from tokenmill.models.tensor_parallel import rank_attention_spec
 from tokenmill.plugins import CORE_NAME
-from tokenmill.quant.registry import checkpoint_quantization, resolve_quantization
+from tokenmill.quant.registry import checkpoint_quantization, resolve_float_method, resolve_quantization
 from tokenmill.sampler import Sampler, SamplingBatch, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,10 @@ class ModelRunner:
         if self.quantization is not None and self.tp.size > 1:
             raise ValueError(f"quantization ({self.quantization.describe()}) is not supported with tensor "
                              f"parallelism yet (tensor_parallel_size={self.tp.size}); use one rank")
+        #: How the layers left in float multiply (the platform's float linear, or ``F.linear``).
+        self.float_method = resolve_float_method(quant_methods, platform, self.dtype)
         ctx = ModelContext(kernels=self.kernels, attention_backend=self.backend, dtype=self.dtype, device=self.device,
-                           quantization=self.quantization, tp=self.tp)
+                           quantization=self.quantization, tp=self.tp, float_method=self.float_method)
         self.model = platform.wrap_model(load_model(config.model.model, ctx, plugin_manager.model_architectures()))
         self.num_layers, spec = self.model.attention_spec()
         self.spec = rank_attention_spec(spec, self.tp)

@@ -22,6 +22,8 @@ class ModelContext:
     ``attention_backend``: the chosen :class:`AttentionBackend` subclass (instantiate one per layer).
     ``dtype``: the torch dtype for weights and activations; ``device``: the torch.device.
     ``quantization``: a quantization method instance, or None.
+    ``float_method``: the method of the linear layers left in float (every layer of a float
+    checkpoint); None: the core's ``F.linear`` method.
     ``tp``: the :class:`~tokenmill.executor.parallel.TensorParallelGroup` this rank belongs to
     (rank 0 of 1 unless tensor parallelism is on); layers take their slice from it.
     """
@@ -32,6 +34,7 @@ class ModelContext:
     device: Any
     quantization: Any = None
     tp: Any = None
+    float_method: Any = None
 
     def __post_init__(self):
         if self.tp is None:

@@ -6,7 +6,10 @@ from tokenmill.quant.compressed_tensors import CompressedTensorsMethod
 from tokenmill.quant.fp8 import Fp8Method, Fp8ScaledMMMethod
 from tokenmill.quant.gptq import GPTQMethod
 from tokenmill.quant.int8 import Int8Method
+from tokenmill.quant.unquantized import UnquantizedMethod
 
 #: Reference implementations (dequantize, then matmul) of every format, priority 0, every platform,
-#: and the FP8 matmul for platforms that declare ``capabilities.fp8``.
-REFERENCE_METHODS = (Int8Method, Fp8Method, Fp8ScaledMMMethod, GPTQMethod, AWQMethod, CompressedTensorsMethod)
+#: the FP8 matmul for platforms that declare ``capabilities.fp8``, and the float ``F.linear``
+#: (online mode ``none``) that a platform may replace with a faster float linear.
+REFERENCE_METHODS = (UnquantizedMethod, Int8Method, Fp8Method, Fp8ScaledMMMethod, GPTQMethod, AWQMethod,
+                     CompressedTensorsMethod)

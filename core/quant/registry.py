@@ -118,11 +118,37 @@ def resolve_quantization(methods: list[tuple[str, type]], platform, dtype, quant
     raise ValueError(f"no implementation of quantization {key!r} can run on {platform.name!r}: " + "; ".join(errors))
 
 
+def resolve_float_method(methods: list[tuple[str, type]], platform, dtype):
+    """The implementation of unquantized linears (online mode ``none``) for ``platform`` and ``dtype``.
+
+    A plugin registers a faster float linear (weights repacked once at load for its
+    matmul library, say) as a class serving ``none`` on its platform at a priority above
+    the core's ``F.linear`` method; a class whose ``available()`` gives a reason or whose
+    constructor refuses the dtype (``ValueError``) is passed over for the next.
+    """
+    from tokenmill.quant.unquantized import UNQUANTIZED
+
+    for plugin, cls in candidates(methods, "none", platform.name, "online"):
+        why = cls.available(platform)
+        if why:
+            log.info("float linears: %s (%s) unavailable: %s", cls.__name__, plugin, why)
+            continue
+        try:
+            method = cls("none", None, dtype)
+        except ValueError as exc:
+            log.info("float linears: %s (%s) refused: %s", cls.__name__, plugin, exc)
+            continue
+        method.provider = plugin
+        return method
+    return UNQUANTIZED
+
+
 def implementation_table(methods: list[tuple[str, type]], platforms: list) -> list[dict]:
     """For ``tokenmill plugins``: which class serves each format/mode on each platform (config aside)."""
     rows = []
     for kind in ("checkpoint", "online"):
-        for key in known_keys(methods, kind):
+        floats = ["none"] if kind == "online" and any("none" in c.online_modes for _, c in methods) else []
+        for key in known_keys(methods, kind) + floats:
             for platform in platforms:
                 chosen, skipped = None, []
                 for plugin, cls in candidates(methods, key, platform.name, kind):

@@ -29,9 +29,5 @@ class UnquantizedMethod(QuantizationMethod):
     def apply(self, layer, x, bias=None, expert=None):
         return F.linear(x, expert_view(layer.weight, expert), bias)
 
-    def float_weight(self, layer):
-        """The float ``weight`` itself (what the fused MoE kernel takes)."""
-        return layer.weight
-
 
 UNQUANTIZED = UnquantizedMethod()

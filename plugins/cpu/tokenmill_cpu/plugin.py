@@ -42,9 +42,10 @@ def tokenmill_kernels():
 
 @hookimpl
 def tokenmill_quantization_methods():
+    from tokenmill_cpu.linear import CpuPackedLinearMethod
     from tokenmill_cpu.quant import CPU_QUANT_METHODS
 
-    return list(CPU_QUANT_METHODS)
+    return [*CPU_QUANT_METHODS, CpuPackedLinearMethod]
 
 
 def conformance_facts() -> dict:

@@ -1,0 +1,63 @@
+"""Float linears on CPU with weights pre-packed once at load for oneDNN.
+
+``F.linear`` on CPU hands every call to the BLAS library, which re-lays the ``[out, in]``
+weight into its blocked format on each call; at decode's small batch sizes (M = 1..64
+rows) that repacking costs more than the multiply, and the layer linears of a decode step
+run at a fraction of the GEMM's speed. This method reorders each weight into oneDNN's
+blocked layout once, in ``process_weights_after_loading``, keeps only that packed copy,
+and multiplies with oneDNN's inner product (``torch.ops.mkldnn``), whose bias add is fused.
+
+float32 only: in bfloat16 and float16 ``F.linear`` already goes to oneDNN, and measured no
+slower than the packed path. Stacks of experts keep the plain weight (the fused MoE kernel
+reads it as it is).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.quant.params import expert_view
+from tokenmill.quant.unquantized import UnquantizedMethod
+
+
+def _ops():
+    return getattr(torch.ops, "mkldnn", None)
+
+
+class CpuPackedLinearMethod(UnquantizedMethod):
+    """Unquantized float32 linears on CPU: oneDNN-packed weights, fused bias."""
+
+    name = "none-onednn-packed"
+    device_types = ("cpu",)
+    priority = 10
+
+    @classmethod
+    def available(cls, platform) -> str | None:
+        if not torch.backends.mkldnn.is_available():
+            return "this torch is built without oneDNN (mkldnn)"
+        ops = _ops()
+        missing = [op for op in ("_reorder_linear_weight", "_linear_pointwise") if not hasattr(ops, op)]
+        return f"this torch lacks torch.ops.mkldnn.{', '.join(missing)}" if missing else None
+
+    def __init__(self, fmt: str = "none", quant_config: dict | None = None, dtype=None):
+        super().__init__(fmt, quant_config, dtype)
+        if dtype is not None and dtype != torch.float32:
+            raise ValueError(f"oneDNN weight packing serves float32 only (F.linear already uses oneDNN for {dtype})")
+
+    def describe(self) -> str:
+        return "float32, weights packed for oneDNN at load"
+
+    def process_weights_after_loading(self, layer) -> None:
+        w = layer.weight
+        if w.dim() != 2 or w.device.type != "cpu" or w.dtype != torch.float32:
+            return
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+        # Replacing the parameter drops the checkpoint layout: the packed copy is the only one.
+        layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+
+    def apply(self, layer, x, bias=None, expert=None):
+        w = layer.weight
+        if not w.is_mkldnn or x.dtype != torch.float32:
+            return F.linear(x, expert_view(w, expert), bias)
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
