@@ -1,16 +1,18 @@
 """``tokenmill bench router``: a multi-tenant chat workload against N replicas behind SGLang's router.
 
-Many tenants, each with its own long system prompt, each running several multi-turn
-conversations (every turn resends the whole history plus a new question and waits for the
-answer); all conversations run at once, capped by ``--concurrency``, so the router has to trade
-cache affinity against balance. The replicas start once; for each router setting (``--policies``,
+Many tenants, each with its own long system prompt, each with several users in multi-turn
+conversations (every turn resends the whole history plus a new question). All conversations
+are under way at once (``--active-conversations``) and ``--concurrency`` requests are in flight:
+a freed request slot goes to a waiting conversation drawn at random, so between two turns of
+one user other users' requests go by, as in production, and the router has to trade cache
+affinity against balance. The replicas start once; for each router setting (``--policies``,
 plus ``--variants`` of the cache-aware settings) the replicas' prefix caches are flushed, the
 router is started in front of them, the workload runs, and the router is stopped. Settings are
 run in ``--rounds`` interleaved rounds (order reversed every other round) to even out a noisy box.
 
-Each replica's KV cache is ``--num-kv-blocks`` blocks (default 200): about a third of all
-tenants' system prompts at the default workload, so a replica cannot hold every tenant and
-which replica a request lands on decides whether it hits (the header prints the share).
+Each replica's KV cache is ``--num-kv-blocks`` blocks (default 176): about 30% of all tenants'
+system prompts at the default workload, so a replica cannot hold every tenant and which replica
+a request lands on decides whether it hits (the header prints the share).
 
 Reported per setting: the prefix-cache hit rate from the replicas' own ``/metrics`` (hit
 tokens / looked-up tokens, summed over replicas), the ideal hit rate of the same prompts (one
@@ -34,19 +36,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from tokenmill.commands.serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(p)  # the replicas' options (model, engine flags) and the router's
-    p.set_defaults(data_parallel_size=4, port=8500, num_kv_blocks=200, log_level="warning")
+    p.set_defaults(data_parallel_size=4, port=8500, num_kv_blocks=176, log_level="warning")
     b = p.add_argument_group("workload")
     b.add_argument("--policies", default="cache_aware,round_robin,random")
     b.add_argument("--variants", default="",
                    help="extra cache_aware settings, ';'-separated, each 'key=value,...' over "
                         f"{', '.join(VARIANT_KEYS)} (e.g. 'cache_threshold=0.5;balance_abs_threshold=4')")
-    b.add_argument("--tenants", type=int, default=16)
-    b.add_argument("--conversations", type=int, default=4, help="conversations per tenant")
+    b.add_argument("--tenants", type=int, default=32)
+    b.add_argument("--conversations", type=int, default=2, help="conversations per tenant")
     b.add_argument("--turns", type=int, default=3)
-    b.add_argument("--system-chars", type=int, default=2400, help="characters of each tenant's system prompt")
-    b.add_argument("--question-chars", type=int, default=120)
-    b.add_argument("--output-len", type=int, default=16)
-    b.add_argument("--concurrency", type=int, default=16, help="conversations in flight at once")
+    b.add_argument("--system-chars", type=int, default=1200, help="characters of each tenant's system prompt")
+    b.add_argument("--question-chars", type=int, default=60)
+    b.add_argument("--output-len", type=int, default=8)
+    b.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    b.add_argument("--active-conversations", type=int, default=None,
+                   help="conversations under way at once (default: all); a conversation's next turn waits "
+                        "among theirs for a free request slot, taken in random order. Equal to --concurrency: "
+                        "each conversation sends its turns back to back")
     b.add_argument("--rounds", type=int, default=1)
     b.add_argument("--request-timeout-s", type=float, default=600.0, help="client timeout of one request")
     b.add_argument("--seed", type=int, default=0)
@@ -96,25 +102,59 @@ def _flush(url: str) -> None:
         pass
 
 
-async def _drive(url: str, model: str, convs, args, label: str) -> dict:
+class RandomGate:
+    """At most ``n`` holders at once; a freed place goes to a waiter drawn at random.
+
+    Users mid-conversation send their next turns in no fixed order: a FIFO would cycle
+    through the conversations, which is the one access order that an LRU cache never hits.
+    """
+
+    def __init__(self, n: int, rng: random.Random):
+        self.free, self.rng, self.waiters = n, rng, []
+
+    async def acquire(self) -> None:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        await fut  # the releaser hands its place over: ``free`` stays as it is
+
+    def release(self) -> None:
+        while self.waiters:
+            fut = self.waiters.pop(self.rng.randrange(len(self.waiters)))
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
+async def _drive(url: str, model: str, convs, args, label: str, transport=None) -> dict:
     import httpx
 
-    sem = asyncio.Semaphore(args.concurrency)
+    rng = random.Random(args.seed)
+    requests_gate = RandomGate(args.concurrency, rng)
+    conversations_gate = RandomGate(args.active_conversations or len(convs), rng)
     latencies, errors, tokens = [], [], {"prompt": 0, "completion": 0}
     sent: list[list[dict]] = []  # every request's messages, in the order they were sent
     total = len(convs) * args.turns
 
     async def conversation(client, system, questions):
-        async with sem:
+        await conversations_gate.acquire()
+        try:
             messages = [{"role": "system", "content": system}]
             for q in questions:
                 messages.append({"role": "user", "content": q})
-                sent.append(list(messages))
-                t0 = time.perf_counter()
-                r = await client.post(url + "/v1/chat/completions", json={
-                    "model": model, "messages": messages, "max_tokens": args.output_len, "temperature": 0,
-                    "ignore_eos": True})
-                latencies.append(time.perf_counter() - t0)
+                await requests_gate.acquire()
+                try:
+                    sent.append(list(messages))
+                    t0 = time.perf_counter()
+                    r = await client.post(url + "/v1/chat/completions", json={
+                        "model": model, "messages": messages, "max_tokens": args.output_len, "temperature": 0,
+                        "ignore_eos": True})
+                    latencies.append(time.perf_counter() - t0)
+                finally:
+                    requests_gate.release()
                 if r.status_code != 200:
                     errors.append(f"{r.status_code}: {r.text[:200]}")
                     return
@@ -122,15 +162,18 @@ async def _drive(url: str, model: str, convs, args, label: str) -> dict:
                 tokens["prompt"] += body["usage"]["prompt_tokens"]
                 tokens["completion"] += body["usage"]["completion_tokens"]
                 messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+        finally:
+            conversations_gate.release()
 
     async def progress(t0):
         while True:
             await asyncio.sleep(15)
-            print(f"    {label}: {len(latencies)}/{total} requests, {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
+            done, took = len(latencies), time.perf_counter() - t0
+            eta = f", about {took / done * (total - done):.0f} s to go" if done else ""
+            print(f"    {label}: {done}/{total} requests, {took:.0f} s{eta}", file=sys.stderr, flush=True)
 
     limits = httpx.Limits(max_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits, transport=transport) as client:
         t0 = time.perf_counter()
         ticker = asyncio.create_task(progress(t0))
         try:
@@ -249,7 +292,8 @@ def _plot(results: list[dict], path: str, title: str) -> None:
     a.scatter(x, [100 * r["ideal_hit_rate"] for r in results], color="black", marker="_", s=400, zorder=3,
               label="ideal (one unbounded cache)")
     a.set_ylabel("prefix-cache hit rate (%)")
-    a.legend(fontsize=7, loc="lower right")
+    a.legend(fontsize=7, loc="upper right")
+    a.set_ylim(0, 110)
     b.bar(x, [r["tok_per_s"] for r in results], color="tab:green")
     b.set_ylabel("throughput (prompt+output tok/s)")
     for ax in (a, b):
@@ -279,14 +323,15 @@ def run(args) -> int:
     for key in VARIANT_KEYS:
         setattr(args, "_default_" + key, getattr(args, key))
     for key in ("tenants", "conversations", "turns", "concurrency", "rounds", "output_len", "system_chars",
-                "question_chars"):
-        if getattr(args, key) < 1:
+                "question_chars", "active_conversations"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
     settings = parse_settings(args.policies, args.variants)
     convs = _workload(args)
     print(f"bench router: {args.data_parallel_size} replicas, {args.tenants} tenants x {args.conversations} "
           f"conversations x {args.turns} turns ({len(convs) * args.turns} requests per setting), "
-          f"concurrency {args.concurrency}, {len(settings)} setting(s) x {args.rounds} round(s)",
+          f"{args.active_conversations or len(convs)} conversations under way, {args.concurrency} requests in "
+          f"flight, {len(settings)} setting(s) x {args.rounds} round(s)",
           file=sys.stderr, flush=True)
     dep = Deployment(args)
     runs: dict[str, list[dict]] = {s["name"]: [] for s in settings}
@@ -294,14 +339,18 @@ def run(args) -> int:
         dep.start_replicas()
         header = _header(dep, convs, args)
         print("bench router: " + header, file=sys.stderr, flush=True)
+        t0, done, todo = time.perf_counter(), 0, len(settings) * args.rounds
         for rnd in range(args.rounds):
             for s in (settings if rnd % 2 == 0 else settings[::-1]):
                 r = _run_setting(dep, s, convs, args)
                 runs[s["name"]].append(r)
+                done += 1
+                left = (time.perf_counter() - t0) / done * (todo - done)
                 print(f"  round {rnd + 1} {s['name']:<44} hit rate {100 * r['hit_rate']:5.1f}% "
                       f"(ideal {100 * r['ideal_hit_rate']:4.1f}%) {r['tok_per_s']:7.0f} tok/s "
                       f"{r['req_per_s']:6.2f} req/s  errors {len(r['errors'])}  preemptions {r['preemptions']}  "
-                      f"requests per replica {r['per_replica_requests']}", file=sys.stderr, flush=True)
+                      f"requests per replica {r['per_replica_requests']}; {done}/{todo} runs, "
+                      f"about {left / 60:.1f} min to go", file=sys.stderr, flush=True)
     finally:
         dep.stop()
     keys = ("hit_rate", "ideal_hit_rate", "tok_per_s", "req_per_s", "out_tok_per_s", "mean_latency_s",
@@ -323,8 +372,9 @@ def run(args) -> int:
               f"{r['mean_latency_s']:7.2f}s  {vs}")
     if args.plot:
         _plot(results, args.plot, f"{args.data_parallel_size} replicas, {args.tenants} tenants, "
-                                  f"{len(convs)} conversations x {args.turns} turns, concurrency {args.concurrency}\n"
-                                  f"{header}")
+                                  f"{len(convs)} conversations x {args.turns} turns "
+                                  f"({args.active_conversations or len(convs)} under way at once), "
+                                  f"{args.concurrency} requests in flight\n{header}")
         print(f"plot: {args.plot}")
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -104,6 +104,20 @@ def replica_argv(args, port: int) -> list[str]:
     return [sys.executable, "-m", "tokenmill", "serve", *argv, "--host", "127.0.0.1", "--port", str(port)]
 
 
+def replica_env(n: int, environ, cpus: int | None = None) -> dict[str, str]:
+    """The environment of ``n`` local replicas that share this host's ``cpus`` cores.
+
+    Each gets its share of OpenMP threads (at least one) and passive OpenMP waiting: with
+    replicas on shared cores, a spinning worker of one replica takes the core that another
+    replica's step needs. What the user set wins.
+    """
+    env = dict(environ)
+    if n >= 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (cpus or os.cpu_count() or 1) // n)))
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def router_argv(args, worker_urls: list[str], prometheus_port: int) -> list[str]:
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", args.host, "--port", str(args.port),
             "--worker-urls", *worker_urls, "--policy", args.router_policy,
@@ -179,10 +193,7 @@ class Deployment:
 
     def start_replicas(self, timeout: float | None = None) -> None:
         timeout = timeout or self.args.startup_timeout or 600.0
-        env = dict(os.environ)
-        # Replicas share this host's cores: give each its share of OpenMP threads unless the user chose.
-        if self._ports and "OMP_NUM_THREADS" not in env:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self._ports)))
+        env = replica_env(len(self._ports), os.environ)
         for port in self._ports:
             self.replicas.append(subprocess.Popen(replica_argv(self.args, port), env=env))
             self.worker_urls.append(f"http://127.0.0.1:{port}")
