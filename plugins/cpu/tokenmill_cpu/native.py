@@ -1,4 +1,5 @@
-"""A small C kernel for decode attention over the paged KV cache, built with the system compiler.
+"""Small C kernels for the cpu platform, built with the system compiler: decode attention over
+the paged KV cache here, and the block's elementwise ops (:mod:`tokenmill_cpu.native_ops`).
 
 Decode attention is memory bound: every step reads each sequence's whole K/V context.
 Torch can only get there through a gather (copy the pages into a padded batch, then
@@ -26,9 +27,11 @@ import tempfile
 import threading
 from pathlib import Path
 
+from tokenmill_cpu import native_ops
+
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+ATTENTION_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -120,6 +123,8 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
 }
 """
 
+SOURCE = ATTENTION_SOURCE + native_ops.SOURCE
+
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_DISABLE = "TOKENMILL_CPU_NATIVE"
 ENV_CACHE = "TOKENMILL_CPU_KERNEL_CACHE"
@@ -145,7 +150,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{key}.so"
+    target = _cache_dir() / f"cpu-kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +177,7 @@ def load():
             return None
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if compiler is None:
-            _status = "no C compiler (cc, gcc or clang) on PATH; decode attention uses the torch path"
+            _status = "no C compiler (cc, gcc or clang) on PATH; decode attention and the block's elementwise ops use the torch paths"
             log.warning("tokenmill-cpu: %s", _status)
             return None
         try:
@@ -183,13 +188,21 @@ def load():
             i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
             fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32, i32]
             fn.restype = None
+            for name, argtypes in native_ops.SIGNATURES.items():
+                getattr(lib, name).argtypes = argtypes
+                getattr(lib, name).restype = None
         except Exception as exc:  # noqa: BLE001 - any build or load problem means: use the torch path
-            _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention uses the torch path"
+            _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention and the block's elementwise ops use the torch paths"
             log.warning("tokenmill-cpu: %s", _status)
             return None
         _lib = lib
         _status = f"native decode kernel built with {Path(compiler).name}"
         return _lib
+
+
+def library():
+    """The loaded library, or None: :func:`load` once, then no lock on the hot path."""
+    return _lib if _lib is not None else load()
 
 
 def status() -> str:
