@@ -67,6 +67,10 @@ def _inputs(op: str, gen) -> list[tuple[str, tuple, dict]]:
                 bits[1] = 0
                 bits[1, words - 1] = 1 << ((vocab - 1) % 32)
             sets.append((f"{rows}x{vocab}", (_randn(gen, rows, vocab, scale=4.0), bits.to(torch.int32)), {}))
+        # some rows of a batch (the constrained ones), a mask narrower than the vocabulary
+        logits, bits = sets[1][1]
+        sets.append(("5x1000-rows-0-3-4", (logits, bits), {"indices": [0, 3, 4]}))
+        sets.append(("5x1000-narrow-rows-1-2", (logits, bits[:, :20].contiguous()), {"indices": [1, 2]}))
         return sets
     raise Skip(f"no inputs defined for op {op!r}")
 

@@ -40,7 +40,7 @@ def test_cpu_plugin_passes_the_whole_suite(cpu_report):
             assert any(f"/{dtype}/{scenario}-" in r.check.id for r in attention), (dtype, scenario)
         assert any(f"/{dtype}/" in r.check.id and "window" in r.check.id for r in attention)
     assert all(r.status == PASS for r in attention)
-    for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul"):
+    for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "apply_token_bitmask"):
         assert results[f"kernel/cpu/{op}/float32"].status == PASS
     for check in ("e2e/cpu/llama", "e2e/cpu/qwen3", "e2e/cpu/mistral", "e2e/cpu/engine-llama",
                   "platform/cpu/kv_pool", "platform/cpu/memory_info", "refusal/cpu/cpu/num_heads-not-a-multiple-of-num_kv_heads"):

@@ -191,3 +191,43 @@ def test_reference_bitmask_op_matches_a_loop():
             assert (got[r, t] == logits[r, t]) if on else got[r, t] == float("-inf")
     narrow = apply_token_bitmask(logits, bits[:, :1])  # tokens past the mask's last word: never allowed
     assert torch.isinf(narrow[:, 32:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmask_op_rows_and_the_cpu_plugins_kernel(dtype):
+    from tokenmill_cpu.bitmask import apply_token_bitmask as cpu_apply
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 100, generator=gen).to(dtype)
+    bits = torch.randint(-(2**31), 2**31 - 1, (4, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+    before = logits.clone()
+    full = apply_token_bitmask(logits, bits)
+    for op in (apply_token_bitmask, cpu_apply):
+        got = op(logits, bits, [0, 2])
+        assert torch.equal(logits, before)  # functional
+        assert torch.equal(got[[0, 2]], full[[0, 2]]) and torch.equal(got[[1, 3]], logits[[1, 3]])
+        assert torch.equal(op(logits, bits), full)
+        narrow = op(logits, bits[:, :2].contiguous(), [3])  # past the mask's last word: never allowed
+        assert torch.isinf(narrow[3, 64:]).all() and torch.equal(narrow[:3], logits[:3])
+
+
+def test_runtime_mask_fills_constrained_rows_in_one_batch(compiler, vocab, monkeypatch):
+    from tokenmill.guided.runtime import GuidedRuntime, GuidedSeq
+    from tokenmill.guided.xgrammar_backend import XGrammarMatcher
+
+    calls = []
+    real = XGrammarMatcher.fill_bitmasks.__func__
+    monkeypatch.setattr(XGrammarMatcher, "fill_bitmasks",
+                        classmethod(lambda cls, ms, bm, rows: (calls.append(list(rows)), real(cls, ms, bm, rows))))
+    rt = GuidedRuntime(compiler)
+    digits = compiler.compile(GuidedSpec("regex", r"[0-9]+"), "xgrammar")
+    letters = compiler.compile(GuidedSpec("regex", r"[a-z]+"), "xgrammar")
+    a, b = GuidedSeq(digits.matcher(), True), GuidedSeq(letters.matcher(), True)
+    logits = torch.zeros(5, vocab.vocab_size)
+    seen = []
+    out = rt.mask(logits, [0, 1, 2, 4], [a, a, b, b], lambda lg, bm, idx: (seen.append(idx), apply_token_bitmask(lg, bm, idx))[1])
+    assert calls == [[0, 2]] and seen == [[0, 1, 2, 4]]  # one fill for the batch; a forked row copies its parent's
+    tok = vocab.tokenizer
+    allowed = [set(torch.isfinite(out[r]).nonzero().flatten().tolist()) for r in range(5)]
+    assert allowed[0] == allowed[1] and allowed[2] == allowed[4] and len(allowed[3]) == vocab.vocab_size
+    assert all(tok.decode([t]).isdigit() for t in allowed[0]) and all(tok.decode([t]).isalpha() for t in allowed[2])

@@ -24,7 +24,8 @@ continuations has its own). A matcher
 - ``is_terminated()``: the grammar has accepted a stop token (the sequence must end);
 - ``forced_continuation() -> str``: the text every valid continuation starts with from here
   ("" when the next character is not determined) - what jump-forward appends without sampling;
-- ``fork()``: an independent copy in the same state.
+- ``fork()``: an independent copy in the same state;
+- ``fill_bitmasks(matchers, bitmask, rows)`` (a classmethod): the rows of a whole batch at once.
 
 Matchers are plain objects on the engine side: torch-free, called on the hot path directly.
 """
@@ -212,6 +213,13 @@ class GuidedMatcher(ABC):
 
     @abstractmethod
     def fork(self) -> "GuidedMatcher": ...
+
+    @classmethod
+    def fill_bitmasks(cls, matchers: Sequence["GuidedMatcher"], bitmask, rows: Sequence[int]) -> None:
+        """``matchers[i].fill_bitmask(bitmask, rows[i])`` for matchers of this class; a backend whose
+        library fills a batch in one call overrides it (the runtime calls it once per step and class)."""
+        for m, row in zip(matchers, rows):
+            m.fill_bitmask(bitmask, row)
 
 
 class CompiledGrammar(ABC):

@@ -7,7 +7,8 @@ the first constrained request arrives) and calls it on the hot path:
   matcher from the (already compiled, cached) grammar, with the sequence's output so far
   replayed (a sequence resent after preemption continues where it was);
 - :meth:`GuidedRuntime.mask` before sampling: fills the bitmask rows of the constrained rows
-  and applies them through the registered ``apply_token_bitmask`` op;
+  (one batched call per matcher class) and applies them through the registered
+  ``apply_token_bitmask`` op, once over the batch, skipping the unconstrained rows;
 - :meth:`GuidedRuntime.advance` after sampling: accepts the token, reports termination, and
   with jump-forward returns the token plus the grammar's forced continuation, retokenized
   together so the sequence keeps the tokenizer's canonical tokenization (as SGLang does).
@@ -79,26 +80,29 @@ class GuidedRuntime:
         return GuidedSeq(m, jf and self.allow_jump and params.logprobs is None)
 
     def mask(self, logits: torch.Tensor, rows: list[int], seqs: list[GuidedSeq], apply_op) -> torch.Tensor:
-        """``logits`` with rows ``rows`` masked by their sequences' allowed tokens (the rows of a
-        forking sequence share one fill; a sequence emitting forced text allows only its next token)."""
-        bm = np.zeros((len(rows), self.vocab.bitmask_width), dtype=np.int32)
+        """``logits`` with rows ``rows`` masked by their sequences' allowed tokens, in one fill per
+        matcher class and one op over the batch (other rows untouched; the rows of a forking
+        sequence share one fill; a sequence emitting forced text allows only its next token)."""
+        bm = np.zeros((logits.shape[0], self.vocab.bitmask_width), dtype=np.int32)
         first: dict[int, int] = {}
-        for i, gs in enumerate(seqs):
-            j = first.setdefault(id(gs), i)
-            if j != i:
-                bm[i] = bm[j]
+        copies: list[tuple[int, int]] = []
+        fills: dict[type, tuple[list, list]] = {}
+        for row, gs in zip(rows, seqs):
+            j = first.setdefault(id(gs), row)
+            if j != row:
+                copies.append((row, j))
             elif gs.forced:
                 t = gs.forced[0]
-                bm[i, t >> 5] = np.int32(np.uint32(1 << (t & 31)).view(np.int32))
+                bm[row, t >> 5] = np.int32(np.uint32(1 << (t & 31)).view(np.int32))
             else:
-                gs.matcher.fill_bitmask(bm, i)
-        mask = torch.from_numpy(bm)
-        if len(rows) == logits.shape[0]:
-            return apply_op(logits, mask)
-        idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        logits = logits.clone()
-        logits[idx] = apply_op(logits[idx], mask)
-        return logits
+                ms, rs = fills.setdefault(type(gs.matcher), ([], []))
+                ms.append(gs.matcher)
+                rs.append(row)
+        for cls, (ms, rs) in fills.items():
+            cls.fill_bitmasks(ms, bm, rs)
+        for row, j in copies:
+            bm[row] = bm[j]
+        return apply_op(logits, torch.from_numpy(bm), None if len(rows) == logits.shape[0] else rows)
 
     def advance(self, gs: GuidedSeq, token: int) -> tuple[bool, list[int] | None]:
         """Accept the sampled ``token``; returns ``(terminated, replacement)``: ``replacement``

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from tokenmill.guided.interface import (CompiledGrammar, GuidedBackend, GuidedMatcher, GuidedSpec,
@@ -11,6 +12,8 @@ from tokenmill.guided.interface import (CompiledGrammar, GuidedBackend, GuidedMa
 #: "Any whitespace" in JSON means up to this many whitespace characters in a row (pretty-printing fits;
 #: a model that would pad forever - small ones do - cannot).
 MAX_WHITESPACE_RUN = 16
+#: Threads xgrammar may use to fill one batch's bitmask rows.
+BATCH_FILL_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 def _grammar_text_is_ebnf(text: str) -> bool:
@@ -82,6 +85,26 @@ class XGrammarMatcher(GuidedMatcher):
 
     def fork(self) -> "XGrammarMatcher":
         return XGrammarMatcher(self._m.fork())
+
+    @classmethod
+    def fill_bitmasks(cls, matchers, bitmask, rows) -> None:
+        if len(matchers) == 1:
+            matchers[0].fill_bitmask(bitmask, rows[0])
+            return
+        _batch_filler().batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, list(rows))
+
+
+_BATCH = None
+
+
+def _batch_filler():
+    """One ``xgrammar.BatchGrammarMatcher`` per process: it fills a batch's rows in C++ (on a few threads)."""
+    global _BATCH
+    if _BATCH is None:
+        import xgrammar as xgr
+
+        _BATCH = xgr.BatchGrammarMatcher(max_threads=BATCH_FILL_THREADS)
+    return _BATCH
 
 
 class XGrammarCompiled(CompiledGrammar):

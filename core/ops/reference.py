@@ -90,14 +90,24 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Guided decoding's mask: ``logits`` with every token whose bit is clear set to ``-inf``."""
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None = None) -> torch.Tensor:
+    """Guided decoding's mask: ``logits`` with every token whose bit is clear set to ``-inf``, in the
+    rows ``indices`` (all rows when None; the other rows and their bitmask rows are left alone)."""
     vocab = logits.shape[-1]
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    if indices is not None:
+        bitmask = bitmask[torch.tensor(indices, dtype=torch.int64, device=bitmask.device)]
+    # expand on the logits' device: the int32 words are 32 times smaller than the mask they spell
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
     if allowed.shape[1] < vocab:  # a narrow mask allows nothing past its last word
         allowed = F.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    return logits.masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
+    if indices is None:
+        return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+    idx = torch.tensor(indices, dtype=torch.int64, device=logits.device)
+    out = logits.clone()
+    out[idx] = logits[idx].masked_fill(~allowed[:, :vocab], float("-inf"))
+    return out
 
 
 REFERENCE_OPS = {

@@ -18,10 +18,12 @@ The ops and their exact contracts (all functional: inputs are never modified):
     ``x``: ``[N, H]``; ``router_logits``: ``[N, E]``; ``w13``: ``[E, 2I, H]`` (gate rows then up
     rows); ``w2``: ``[E, H, I]``. Softmax over experts in float32, keep the ``top_k`` largest,
     renormalise them to sum 1 when ``renormalize``; ``y = sum_e p_e * (w2_e @ silu_and_mul(w13_e @ x))``.
-``apply_token_bitmask(logits, bitmask) -> masked_logits``
-    ``logits``: float ``[N, V]``; ``bitmask``: int32 ``[N, ceil(V / 32)]`` (on the host or the
-    device), bit ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed (xgrammar's layout).
-    Returns ``logits`` with every disallowed token set to ``-inf`` (guided decoding, before sampling).
+``apply_token_bitmask(logits, bitmask, indices=None) -> masked_logits``
+    ``logits``: float ``[N, V]``; ``bitmask``: int32 ``[N, W]`` (on the host or the device), bit
+    ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed (xgrammar's layout); tokens past
+    ``32 * W`` are never allowed. ``indices``: the rows to mask (None: all; a batch's unconstrained
+    rows are left out, and their bitmask rows are not read). Returns ``logits`` with every
+    disallowed token of those rows set to ``-inf`` (guided decoding, before sampling).
 """
 from __future__ import annotations
 

@@ -78,3 +78,8 @@ CPU_OPS = {
     "silu_and_mul": silu_and_mul,
     "rotary_embedding": rotary_embedding,
 }
+
+from tokenmill_cpu import bitmask as _bitmask  # noqa: E402  (xgrammar's kernel, where it imports)
+
+if _bitmask.available():
+    CPU_OPS["apply_token_bitmask"] = _bitmask.apply_token_bitmask
