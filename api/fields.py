@@ -68,7 +68,7 @@ CHAT_FIELDS: list[FieldRule] = [
     FieldRule("top_logprobs", HONOURED, "0 to 20"),
     FieldRule("max_completion_tokens", HONOURED, "takes precedence over max_tokens"),
     FieldRule("response_format", HONOURED, "text, json_object, json_schema (strict or not: the output follows "
-                                           "the schema)"),
+                                           "the schema), and vLLM's structural_tag"),
     FieldRule("tools", HONOURED, "function tools, rendered by the chat template; strict: true constrains the "
                                  "calls auto makes (docs/tool-calling.md)"),
     FieldRule("tool_choice", HONOURED, "none, auto (parsed by --tool-call-parser), required and a named function "
@@ -101,6 +101,26 @@ COMPLETION_FIELDS: list[FieldRule] = [
                                   "Qwen2.5-Coder, DeepSeek-Coder, Codestral); else a 400 naming suffix"),
 ]
 
+def _when_true(reason: str) -> Callable[[Any], str | None]:
+    return lambda value: reason if value else None
+
+
+#: vLLM's request extensions that change the output and that we do not implement: a client written
+#: for vLLM gets a 400 naming the field rather than a silent 200 (both endpoints).
+VLLM_FIELDS: list[FieldRule] = [
+    FieldRule("use_beam_search", REFUSED, "no beam search; true is refused (best_of and n sample instead)",
+              _when_true("use_beam_search cannot be honoured: this server has no beam search.")),
+    FieldRule("length_penalty", NO_EFFECT, "used only by beam search, which is refused"),
+    FieldRule("allowed_token_ids", REFUSED, "not implemented; structured_outputs (choice, regex) or logit_bias "
+                                            "restrict the output"),
+    FieldRule("bad_words", REFUSED, "not implemented"),
+    FieldRule("logits_processors", REFUSED, "no custom logits processors"),
+    FieldRule("truncate_prompt_tokens", REFUSED, "prompts are never truncated (too long a prompt is a 400)"),
+    FieldRule("return_tokens_as_token_ids", REFUSED, "tokens are returned as text; true is refused",
+              _when_true("return_tokens_as_token_ids cannot be honoured: logprobs carry token text.")),
+    FieldRule("prompt_embeds", REFUSED, "prompts are text or token ids"),
+]
+
 TABLES = {"chat.completions": CHAT_FIELDS, "completions": COMPLETION_FIELDS}
 
 
@@ -112,7 +132,7 @@ def _value(req, name: str):
 
 def check_fields(req, endpoint: str) -> None:
     """Raise a 400 naming the field if the request sets a field (or a value) we cannot honour."""
-    for rule in TABLES[endpoint]:
+    for rule in TABLES[endpoint] + VLLM_FIELDS:
         if rule.status == NO_EFFECT or (rule.status == HONOURED and rule.refuse is None):
             continue
         value = _value(req, rule.name)
@@ -151,6 +171,12 @@ def render_markdown() -> str:
             lines.append(f"| `{r.name}` | {r.status} | {note} |")
         ext = _extensions(endpoint)
         lines += ["", "Also honoured (vLLM's extensions): " + ", ".join(f"`{n}`" for n in ext) + ".", ""]
+    lines += ["## vLLM extensions not implemented (both endpoints)", "",
+              "A client written for vLLM that sets one of these gets a 400 naming it, not a silent 200.", "",
+              "| field | status | notes |", "|---|---|---|"]
+    for r in VLLM_FIELDS:
+        lines.append(f"| `{r.name}` | {r.status} | {r.note} |")
+    lines.append("")
     return "\n".join(lines)
 
 

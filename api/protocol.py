@@ -202,9 +202,12 @@ class _SamplingFields(APIRequest):
                 # strict or not, the output follows the schema (strict=false merely allows that)
                 found.append(StructuredOutputsParams(json=js["schema"], backend=backend,
                                                      param="response_format.json_schema.schema"))
+            elif kind == "structural_tag":  # vLLM's: {"structures", "triggers"}, or xgrammar's {"format"}
+                found.append(StructuredOutputsParams(structural_tag={k: v for k, v in rf.items()},
+                                                     backend=backend, param="response_format"))
             elif kind != "text":
-                raise GuidedSpecError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
-                                      "response_format")
+                raise GuidedSpecError(f"response_format.type must be text, json_object, json_schema or "
+                                      f"structural_tag, got {kind!r}", "response_format")
         if self.structured_outputs is not None:
             fields = dict(self.structured_outputs)
             known = {"json", "regex", "choice", "grammar", "json_object", "structural_tag", "backend",

@@ -70,6 +70,19 @@ def test_chat_refusals_name_the_field(field, value):
     assert err.param == field and field in err.message
 
 
+@pytest.mark.parametrize("field,value", [
+    ("use_beam_search", True), ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("logits_processors", ["m.f"]),
+    ("truncate_prompt_tokens", 8), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
+])
+@pytest.mark.parametrize("endpoint", ["chat.completions", "completions"])
+def test_vllm_extensions_we_do_not_implement_are_refused(field, value, endpoint):
+    req = chat(**{field: value}) if endpoint == "chat.completions" else CompletionRequest(prompt="x", **{field: value})
+    err = refused(req, endpoint)
+    assert err.param == field and field in err.message
+    # their harmless values pass
+    check_fields(chat(use_beam_search=False, length_penalty=0.5, return_tokens_as_token_ids=False), "chat.completions")
+
+
 def test_completion_fields_left_to_the_endpoint():
     # suffix and best_of are honoured; the endpoint refuses what a model cannot do
     # (tests/test_api_openai_surface.py)

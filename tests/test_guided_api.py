@@ -130,6 +130,18 @@ def test_every_kind_through_each_backend(client, kind, backend, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_response_format_structural_tag(client, stream):
+    # vLLM's response_format type; here in xgrammar's form, whose tag is the whole output
+    for text, finish in _chat(client, stream=stream, n=2, response_format=TAG):
+        assert finish == "stop"
+        _tag(text)
+    legacy = {"type": "structural_tag", "structures": [{"begin": "<c>", "schema": SCHEMA, "end": "</c>"}],
+              "triggers": ["<c>"]}
+    ((text, _),) = _chat(client, stream=stream, response_format=legacy, max_tokens=6)
+    assert isinstance(text, str)  # free text until the trigger: accepted, compiled, served
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_completions_response_format_and_guided_choice(client, stream):
     kw = dict(model="tokenmill-default", prompt="The record:", max_tokens=80, n=2, seed=3,
               extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}})
