@@ -5,9 +5,10 @@ once: which rows are decodes, the cache slots to write, and for prefill chunks w
 they start from an empty context. Per layer:
 
 * the new K/V go into the cache with one ``index_copy_`` per tensor;
-* every decode token of the batch is served by one call: in float32 the native kernel
-  (:mod:`tokenmill_cpu.native`) reads the pages in place; otherwise (or without a
-  compiler) the pages are gathered into a padded batch for one SDPA call;
+* every decode token of the batch is served by one call: in float32 and bfloat16 the
+  native kernel (:mod:`tokenmill_cpu.native`) reads the pages in place (bfloat16 widened
+  as it is read); otherwise (or without a compiler) the pages are gathered into a padded
+  batch for one SDPA call;
 * a prefill chunk with no earlier context attends to its own new K/V with SDPA's causal
   kernel (no cache read at all); a chunk that continues a sequence gathers its pages and
   uses an explicit causal mask; a sliding window always uses an explicit mask.
@@ -94,7 +95,7 @@ class CpuAttention(AttentionBackend):
     def __init__(self, spec):
         super().__init__(spec)
         self.num_threads = configure_threads()
-        self.native = native.load() if spec.dtype == "float32" else None
+        self.native = native.load() if spec.dtype in ("float32", "bfloat16") else None
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         plan = meta.extra if isinstance(meta.extra, _Plan) else _plan(meta)
@@ -122,10 +123,17 @@ class CpuAttention(AttentionBackend):
 
     def _decode(self, q, k_cache, v_cache, out, plan: _Plan) -> None:
         window = self.spec.sliding_window
-        if self.native is not None and q.dtype == torch.float32 and k_cache.is_contiguous():
-            qc = q if q.stride(-1) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
-            native.paged_decode(qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
-                                out, self.scale, window, self.num_threads)
+        if self.native is not None and k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous():
+            if q.dtype == torch.float32:
+                qc = q if q.stride(-1) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+                native.paged_decode(qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
+                                    out, self.scale, window, self.num_threads)
+                return
+            # bfloat16: the cache is read in place; only the few query and output rows are widened
+            qf, of = q.to(torch.float32), torch.empty(out.shape, dtype=torch.float32)
+            native.paged_decode(qf, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
+                                of, self.scale, window, self.num_threads)
+            out[plan.decode_rows] = of[plan.decode_rows].to(out.dtype)
             return
         bs, tables = plan.block_size, plan.decode_tables
         nseq, nb = tables.shape

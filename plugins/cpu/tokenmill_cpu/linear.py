@@ -7,8 +7,8 @@ run at a fraction of the GEMM's speed. This method reorders each weight into one
 blocked layout once, in ``process_weights_after_loading``, keeps only that packed copy,
 and multiplies with oneDNN's inner product (``torch.ops.mkldnn``), whose bias add is fused.
 
-float32 only: in bfloat16 and float16 ``F.linear`` already goes to oneDNN, and measured no
-slower than the packed path. Stacks of experts keep the plain weight (the fused MoE kernel
+float32, and bfloat16 where oneDNN has bfloat16 kernels for this CPU (AVX512-BF16, AMX);
+float16 keeps ``F.linear``. Stacks of experts keep the plain weight (the fused MoE kernel
 reads it as it is).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _ops():
 
 
 class CpuPackedLinearMethod(UnquantizedMethod):
-    """Unquantized float32 linears on CPU: oneDNN-packed weights, fused bias."""
+    """Unquantized float32/bfloat16 linears on CPU: oneDNN-packed weights, fused bias."""
 
     name = "none-onednn-packed"
     device_types = ("cpu",)
@@ -41,15 +41,22 @@ class CpuPackedLinearMethod(UnquantizedMethod):
 
     def __init__(self, fmt: str = "none", quant_config: dict | None = None, dtype=None):
         super().__init__(fmt, quant_config, dtype)
-        if dtype is not None and dtype != torch.float32:
-            raise ValueError(f"oneDNN weight packing serves float32 only (F.linear already uses oneDNN for {dtype})")
+        if dtype is not None and dtype not in self.dtypes():
+            raise ValueError(f"oneDNN weight packing serves {', '.join(map(str, self.dtypes()))} on this CPU, "
+                             f"not {dtype}")
+
+    @staticmethod
+    def dtypes() -> tuple:
+        """The dtypes packed here: float32, and bfloat16 where oneDNN has bfloat16 kernels for this CPU."""
+        bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
 
     def describe(self) -> str:
-        return "float32, weights packed for oneDNN at load"
+        return f"{self.dtype}, weights packed for oneDNN at load"
 
     def process_weights_after_loading(self, layer) -> None:
         w = layer.weight
-        if w.dim() != 2 or w.device.type != "cpu" or w.dtype != torch.float32:
+        if w.dim() != 2 or w.device.type != "cpu" or w.dtype != self.dtype:
             return
         packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
         # Replacing the parameter drops the checkpoint layout: the packed copy is the only one.
@@ -57,7 +64,7 @@ class CpuPackedLinearMethod(UnquantizedMethod):
 
     def apply(self, layer, x, bias=None, expert=None):
         w = layer.weight
-        if not w.is_mkldnn or x.dtype != torch.float32:
+        if not w.is_mkldnn or x.dtype != w.dtype:
             return F.linear(x, expert_view(w, expert), bias)
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 

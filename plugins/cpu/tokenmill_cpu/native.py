@@ -37,27 +37,40 @@ ATTENTION_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* Decode attention, float32. For each decode sequence s (its query row q_rows[s]):
+/* Decode attention. For each decode sequence s (its query row q_rows[s]):
    context length L = seq_lens[s]; keys 0..L-1 live in pages block_tables[s*bt_stride + i],
-   token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous.
-   q and out: rows of H*D floats with row strides q_stride / out_stride; head h reads KV
-   head h / G. window > 0 keeps only the last `window` keys. Per task: scores of the query
-   heads (pass over K), softmax, weighted sum of values (pass over V), in float32. */
+   token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous,
+   float32 or bfloat16 (read in place, widened to float32). q and out: float32 rows of H*D
+   with row strides q_stride / out_stride; head h reads KV head h / G. window > 0 keeps only
+   the last `window` keys. Per task: scores of the query heads (pass over K), softmax,
+   weighted sum of values (pass over V), in float32. */
 
-static void head_scores(const float *qs, const float *kp, float *sc, int G, int D, int n, int idx, float scale) {
+static inline __attribute__((always_inline)) float kv_at(const void *base, int64_t i, const int bf16) {
+    if (bf16) {
+        union { uint32_t u; float f; } c;
+        c.u = (uint32_t)((const uint16_t *)base)[i] << 16;
+        return c.f;
+    }
+    return ((const float *)base)[i];
+}
+
+static inline __attribute__((always_inline)) void head_scores(const float *qs, const void *kc, int64_t off,
+                                                              float *sc, int G, int D, int n, int idx, float scale,
+                                                              const int bf16) {
     for (int g = 0; g < G; g++) {
         const float *qg = qs + (int64_t)g * D;
         float dot = 0.0f;
         #pragma omp simd reduction(+:dot)
-        for (int d = 0; d < D; d++) dot += qg[d] * kp[d];
+        for (int d = 0; d < D; d++) dot += qg[d] * kv_at(kc, off + d, bf16);
         sc[(int64_t)g * n + idx] = dot * scale;
     }
 }
 
-void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                      const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
-                      const int64_t *q_rows, float *out, int64_t out_stride,
-                      int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
+static inline __attribute__((always_inline)) void paged_decode(
+        const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+        const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+        const int64_t *q_rows, float *out, int64_t out_stride,
+        int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads, const int bf16) {
     const int G = H / Hk;
     const int64_t tok_stride = (int64_t)Hk * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
@@ -79,13 +92,13 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
         const int32_t *table = block_tables + (int64_t)s * bt_stride;
         const int gn = G * n;
         for (int b = start / bs, t0 = b * bs; t0 < L; b++, t0 += bs) {
-            const float *page = k_cache + (int64_t)table[b] * blk_stride + (int64_t)h0 * D;
+            const int64_t page = (int64_t)table[b] * blk_stride + (int64_t)h0 * D;
             const int lo = t0 < start ? start - t0 : 0, hi = L - t0 < bs ? L - t0 : bs;
             for (int o = lo; o < hi; o++) {
-                const float *kp = page + o * tok_stride;
+                const int64_t kp = page + o * tok_stride;
                 for (int h = 0; h < nh; h++)
-                    head_scores(qs + (int64_t)h * G * D, kp + (int64_t)h * D, scores + (int64_t)h * gn, G, D, n,
-                                t0 + o - start, scale);
+                    head_scores(qs + (int64_t)h * G * D, k_cache, kp + (int64_t)h * D, scores + (int64_t)h * gn,
+                                G, D, n, t0 + o - start, scale, bf16);
             }
         }
         for (int r = 0; r < nh * G; r++) {
@@ -100,18 +113,18 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
             for (int i = 0; i < n; i++) sc[i] *= inv;
         }
         for (int b = start / bs, t0 = b * bs; t0 < L; b++, t0 += bs) {
-            const float *page = v_cache + (int64_t)table[b] * blk_stride + (int64_t)h0 * D;
+            const int64_t page = (int64_t)table[b] * blk_stride + (int64_t)h0 * D;
             const int lo = t0 < start ? start - t0 : 0, hi = L - t0 < bs ? L - t0 : bs;
             for (int o = lo; o < hi; o++) {
-                const float *vp0 = page + o * tok_stride;
+                const int64_t vp0 = page + o * tok_stride;
                 const int idx = t0 + o - start;
                 for (int h = 0; h < nh; h++) {
-                    const float *vp = vp0 + (int64_t)h * D;
+                    const int64_t vp = vp0 + (int64_t)h * D;
                     for (int g = 0; g < G; g++) {
                         const float w = scores[(int64_t)(h * G + g) * n + idx];
                         float *ag = acc + (int64_t)(h * G + g) * D;
                         #pragma omp simd
-                        for (int d = 0; d < D; d++) ag[d] += w * vp[d];
+                        for (int d = 0; d < D; d++) ag[d] += w * kv_at(v_cache, vp + d, bf16);
                     }
                 }
             }
@@ -120,6 +133,23 @@ void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, co
         free(scores);
         free(acc);
     }
+}
+
+void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                      const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+                      const int64_t *q_rows, float *out, int64_t out_stride,
+                      int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
+    paged_decode(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, q_rows, out, out_stride,
+                 S, H, Hk, D, bs, scale, window, nthreads, 0);
+}
+
+/* The same with a bfloat16 KV cache (q and out stay float32). */
+void paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+                         const int64_t *q_rows, float *out, int64_t out_stride,
+                         int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
+    paged_decode(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, q_rows, out, out_stride,
+                 S, H, Hk, D, bs, scale, window, nthreads, 1);
 }
 """
 
@@ -184,10 +214,11 @@ def load():
             import torch  # noqa: F401 - its OpenMP runtime must be loaded first so that we share it
 
             lib = ctypes.CDLL(str(_build(compiler)))
-            fn = lib.paged_decode_f32
             i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-            fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32, i32]
-            fn.restype = None
+            for fn in (lib.paged_decode_f32, lib.paged_decode_bf16kv):
+                fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32,
+                               i32]
+                fn.restype = None
             for name, argtypes in native_ops.SIGNATURES.items():
                 getattr(lib, name).argtypes = argtypes
                 getattr(lib, name).restype = None
@@ -212,16 +243,16 @@ def status() -> str:
 
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, q_rows, out, scale: float, window: int | None,
                  num_threads: int) -> None:
-    """Decode attention into ``out`` (see ``SOURCE``); every tensor float32/int32/int64 on the CPU.
+    """Decode attention into ``out`` (see ``SOURCE``); tensors on the CPU.
 
-    ``q``, ``out``: ``[T, H, D]`` with contiguous rows; ``k_cache``, ``v_cache``:
-    ``[num_blocks, block_size, Hk, D]`` contiguous; ``block_tables`` int32 ``[S, nb]``
-    (row-contiguous); ``seq_lens`` int32 ``[S]``; ``q_rows`` int64 ``[S]``.
+    ``q``, ``out``: float32 ``[T, H, D]`` with contiguous rows; ``k_cache``, ``v_cache``:
+    ``[num_blocks, block_size, Hk, D]`` contiguous, float32 or bfloat16; ``block_tables``
+    int32 ``[S, nb]`` (row-contiguous); ``seq_lens`` int32 ``[S]``; ``q_rows`` int64 ``[S]``.
     """
     lib = _lib
     _, num_heads, head = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    lib.paged_decode_f32(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), q_rows.data_ptr(),
-                         out.data_ptr(), out.stride(0), q_rows.shape[0], num_heads, num_kv_heads, head, block_size,
-                         float(scale), int(window or 0), int(num_threads))
+    fn = lib.paged_decode_f32 if k_cache.element_size() == 4 else lib.paged_decode_bf16kv
+    fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+       block_tables.stride(0), seq_lens.data_ptr(), q_rows.data_ptr(), out.data_ptr(), out.stride(0), q_rows.shape[0],
+       num_heads, num_kv_heads, head, block_size, float(scale), int(window or 0), int(num_threads))
