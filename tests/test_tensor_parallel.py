@@ -3,7 +3,8 @@
 Two ranks on one machine (the multiprocess executor: rank 0 in this process, one worker
 process) for every architecture, including Qwen3's single KV head (replicated on both
 ranks) and Mixtral's experts; prefix caching, chunked prefill and preemption with TP=2;
-a head count the rank count does not divide; a rank killed mid-service. The Ray executor
+a head count the rank count does not divide; quantization (refused, no rank left
+behind); a rank killed mid-service. The Ray executor
 across two nodes of a local Ray cluster lives in ``test_ray_executor.py``.
 """
 from __future__ import annotations
@@ -70,6 +71,34 @@ def test_indivisible_heads_fail_clearly():
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide the number of attention heads \(4\)"):
         LLM(str(path), num_blocks=16, tensor_parallel_size=3)
     assert time.monotonic() - t0 < 30  # refused before any rank starts
+
+
+def test_quantization_with_tensor_parallelism_is_refused_and_leaves_no_rank_behind():
+    path = make_tiny_model("llama")
+    with pytest.raises(ValueError, match=r"quantization \(int8: .*\) is not supported with tensor parallelism yet "
+                                         r"\(tensor_parallel_size=2\); use one rank"):
+        LLM(str(path), num_blocks=16, tensor_parallel_size=2, quantization="int8", distributed_timeout=60)
+    workers = [pid for pid in _children(os.getpid()) if "tokenmill.executor.worker" in _cmdline(pid)]
+    assert workers == []
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:  # gone already
+        return ""
 
 
 def test_dead_rank_fails_the_step_with_a_clear_error():
