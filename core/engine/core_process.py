@@ -30,6 +30,7 @@ API process goes away (its command pipe reaches EOF).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -107,6 +108,10 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
     except BaseException as exc:  # report anything, even SystemExit, rather than die silently
         out_conn.send(("startup_error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
+    # This process holds one engine for its life: what start-up built (model, tokenizer, plugins)
+    # never becomes garbage, so the cyclic collector need not rescan it on every collection.
+    gc.collect()
+    gc.freeze()
     out_conn.send(("ready", info))
     try:
         _loop(engine, cmd_conn, out_conn)
