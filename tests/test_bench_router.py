@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tokenmill.bench.router import RandomGate, _drive, ideal_hit_rate, parse_settings
+from tokenmill.bench.router import parse_settings
+from tokenmill.bench.router_workload import RandomGate, drive, ideal_hit_rate
 
 
 def test_settings_are_the_policies_then_each_cache_aware_variant():
@@ -114,7 +115,7 @@ CONVS = [(f"system {t}", [f"q{t}.{c}.{k}" for k in range(3)]) for t in range(3) 
 @pytest.mark.parametrize("active", [None, 3, 2])
 def test_drive_caps_requests_in_flight_and_conversations_under_way(active):
     seen, transport = _mock_router(turns=3)
-    res = asyncio.run(_drive("http://router", "m", CONVS, _args(active_conversations=active), "t", transport))
+    res = asyncio.run(drive("http://router", "m", CONVS, _args(active_conversations=active), "t", transport))
     assert res["requests"] == 18 and not res["errors"]
     assert seen["peak_in_flight"] == 2
     assert seen["peak_under_way"] <= (active or len(CONVS))
@@ -137,12 +138,12 @@ def _conversation_of(msgs):
 
 def test_turns_run_back_to_back_only_when_each_conversation_has_its_own_slot():
     _, transport = _mock_router(turns=3)
-    own = asyncio.run(_drive("http://r", "m", CONVS, _args(concurrency=1, active_conversations=1), "t", transport))
+    own = asyncio.run(drive("http://r", "m", CONVS, _args(concurrency=1, active_conversations=1), "t", transport))
     order = [_conversation_of(m) for m in own["sent"]]
     assert order == [c for c in dict.fromkeys(order) for _ in range(3)]  # each conversation's 3 turns in a row
 
     _, transport = _mock_router(turns=3)
-    shared = asyncio.run(_drive("http://r", "m", CONVS, _args(concurrency=1), "t", transport))
+    shared = asyncio.run(drive("http://r", "m", CONVS, _args(concurrency=1), "t", transport))
     order = [_conversation_of(m) for m in shared["sent"]]
     assert order[1] != order[0]  # the freed slot goes to another user waiting, not the one who just got an answer
     assert sorted(order) == sorted(c for _, qs in CONVS for c in [qs[0]] * 3)

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
-import sysconfig
 import time
 import urllib.request
+
+from tokenmill.bench.router_workload import drive, ideal_hit_rate, tokenize, workload
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,26 +65,6 @@ VARIANT_KEYS = {"cache_threshold": float, "balance_abs_threshold": int, "balance
                 "eviction_interval_secs": int, "max_tree_size": int}
 
 
-def _text_source():
-    with open(sysconfig.get_paths()["stdlib"] + "/pydoc_data/topics.py", encoding="utf-8") as f:
-        return f.read()[:400_000]
-
-
-def _workload(args) -> list[tuple[str, list[str]]]:
-    """``[(system_prompt, [question per turn])]`` for every conversation, deterministic per seed."""
-    text, rng = _text_source(), random.Random(args.seed)
-
-    def take(n):
-        start = rng.randrange(0, len(text) - n)
-        return text[start:start + n]
-
-    systems = [f"Tenant {t}. " + take(args.system_chars) for t in range(args.tenants)]
-    convs = [(systems[t], [take(args.question_chars) for _ in range(args.turns)])
-             for t in range(args.tenants) for _ in range(args.conversations)]
-    rng.shuffle(convs)
-    return convs
-
-
 def _scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -100,114 +80,6 @@ def _flush(url: str) -> None:
     req = urllib.request.Request(url + "/flush_cache", method="POST")
     with urllib.request.urlopen(req, timeout=30):
         pass
-
-
-class RandomGate:
-    """At most ``n`` holders at once; a freed place goes to a waiter drawn at random.
-
-    Users mid-conversation send their next turns in no fixed order: a FIFO would cycle
-    through the conversations, which is the one access order that an LRU cache never hits.
-    """
-
-    def __init__(self, n: int, rng: random.Random):
-        self.free, self.rng, self.waiters = n, rng, []
-
-    async def acquire(self) -> None:
-        if self.free > 0 and not self.waiters:
-            self.free -= 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        await fut  # the releaser hands its place over: ``free`` stays as it is
-
-    def release(self) -> None:
-        while self.waiters:
-            fut = self.waiters.pop(self.rng.randrange(len(self.waiters)))
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.free += 1
-
-
-async def _drive(url: str, model: str, convs, args, label: str, transport=None) -> dict:
-    import httpx
-
-    rng = random.Random(args.seed)
-    requests_gate = RandomGate(args.concurrency, rng)
-    conversations_gate = RandomGate(args.active_conversations or len(convs), rng)
-    latencies, errors, tokens = [], [], {"prompt": 0, "completion": 0}
-    sent: list[list[dict]] = []  # every request's messages, in the order they were sent
-    total = len(convs) * args.turns
-
-    async def conversation(client, system, questions):
-        await conversations_gate.acquire()
-        try:
-            messages = [{"role": "system", "content": system}]
-            for q in questions:
-                messages.append({"role": "user", "content": q})
-                await requests_gate.acquire()
-                try:
-                    sent.append(list(messages))
-                    t0 = time.perf_counter()
-                    r = await client.post(url + "/v1/chat/completions", json={
-                        "model": model, "messages": messages, "max_tokens": args.output_len, "temperature": 0,
-                        "ignore_eos": True})
-                    latencies.append(time.perf_counter() - t0)
-                finally:
-                    requests_gate.release()
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code}: {r.text[:200]}")
-                    return
-                body = r.json()
-                tokens["prompt"] += body["usage"]["prompt_tokens"]
-                tokens["completion"] += body["usage"]["completion_tokens"]
-                messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
-        finally:
-            conversations_gate.release()
-
-    async def progress(t0):
-        while True:
-            await asyncio.sleep(15)
-            done, took = len(latencies), time.perf_counter() - t0
-            eta = f", about {took / done * (total - done):.0f} s to go" if done else ""
-            print(f"    {label}: {done}/{total} requests, {took:.0f} s{eta}", file=sys.stderr, flush=True)
-
-    limits = httpx.Limits(max_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits, transport=transport) as client:
-        t0 = time.perf_counter()
-        ticker = asyncio.create_task(progress(t0))
-        try:
-            await asyncio.gather(*(conversation(client, s, qs) for s, qs in convs))
-        finally:
-            ticker.cancel()
-        wall = time.perf_counter() - t0
-    return {"wall_s": wall, "requests": len(latencies), "errors": errors, **tokens, "sent": sent,
-            "mean_latency_s": sum(latencies) / max(1, len(latencies))}
-
-
-def _tokenize(url: str, model: str, messages: list[dict]) -> list[int]:
-    req = urllib.request.Request(url + "/tokenize", data=json.dumps({"model": model, "messages": messages}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.load(r)["tokens"]
-
-
-def ideal_hit_rate(prompts: list[list[int]], block_size: int) -> float:
-    """Hit rate of one unbounded prefix cache that has seen every earlier prompt (block-aligned).
-
-    Like the engine, a prompt reuses whole blocks only, and never all of itself (at least one
-    token is computed). Generated tokens are not counted, so a real cache can beat this by the
-    blocks of a previous answer that a later turn's prompt repeats.
-    """
-    seen: set[tuple[int, ...]] = set()
-    hit = total = 0
-    for ids in prompts:
-        n = 0
-        while n < (len(ids) - 1) // block_size and tuple(ids[:(n + 1) * block_size]) in seen:
-            n += 1
-        hit, total = hit + n * block_size, total + len(ids)
-        seen.update(tuple(ids[:(i + 1) * block_size]) for i in range(len(ids) // block_size))
-    return hit / total if total else 0.0
 
 
 _SHORT = {"cache_threshold": "ct", "balance_abs_threshold": "abs", "balance_rel_threshold": "rel",
@@ -255,7 +127,7 @@ def _run_setting(dep, setting: dict, convs, args) -> dict:
     before = [_scrape(u) for u in dep.worker_urls]
     dep.start_router()
     try:
-        res = asyncio.run(_drive(dep.url, _model_name(args), convs, args, setting["name"]))
+        res = asyncio.run(drive(dep.url, _model_name(args), convs, args, setting["name"]))
     finally:
         dep.stop_router()
     after = [_scrape(u) for u in dep.worker_urls]
@@ -265,7 +137,7 @@ def _run_setting(dep, setting: dict, convs, args) -> dict:
 
     hits, queries = delta("tokenmill:prefix_cache_hits_total"), delta("tokenmill:prefix_cache_queries_total")
     sent = res.pop("sent")
-    prompts = [_tokenize(dep.worker_urls[0], _model_name(args), m) for m in sent]
+    prompts = [tokenize(dep.worker_urls[0], _model_name(args), m) for m in sent]
     res.update(setting=setting["name"], hit_rate=sum(hits) / max(1.0, sum(queries)),
                ideal_hit_rate=ideal_hit_rate(prompts, args.block_size),
                computed_prompt_tokens=int(sum(queries) - sum(hits)),
@@ -309,12 +181,13 @@ def _header(dep, convs, args) -> str:
     """Each replica's KV size against the tenants' system prompts: the regime the run is in."""
     model = _model_name(args)
     systems = {s for s, _ in convs}
-    sys_tokens = sum(len(_tokenize(dep.worker_urls[0], model, [{"role": "system", "content": s}])) for s in systems)
+    sys_tokens = sum(len(tokenize(dep.worker_urls[0], model, [{"role": "system", "content": s}])) for s in systems)
     with urllib.request.urlopen(dep.worker_urls[0] + "/get_server_info", timeout=10) as r:
         kv = json.load(r)["max_total_num_tokens"]
+    share = (f"so one replica holds at most {100 * kv / max(1, sys_tokens):.0f}% of them" if kv < sys_tokens else
+             "so every replica can hold all of them (round-robin hits once it has sent a tenant to each)")
     return (f"each replica's KV cache holds {kv} tokens; the {len(systems)} tenants' system prompts are "
-            f"{sys_tokens} tokens ({sys_tokens // max(1, len(systems))} each), so one replica holds at most "
-            f"{100 * kv / max(1, sys_tokens):.0f}% of them")
+            f"{sys_tokens} tokens ({sys_tokens // max(1, len(systems))} each), {share}")
 
 
 def run(args) -> int:
@@ -327,7 +200,7 @@ def run(args) -> int:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
     settings = parse_settings(args.policies, args.variants)
-    convs = _workload(args)
+    convs = workload(args)
     print(f"bench router: {args.data_parallel_size} replicas, {args.tenants} tenants x {args.conversations} "
           f"conversations x {args.turns} turns ({len(convs) * args.turns} requests per setting), "
           f"{args.active_conversations or len(convs)} conversations under way, {args.concurrency} requests in "
