@@ -195,7 +195,7 @@ class EngineCore:
                        eos_token_id=eos, salt=cache_salt, arrival=arrival or time.monotonic())
         seq.pending_forks = params.n - 1
         so = getattr(params, "structured_outputs", None)
-        # a bad spec raises GuidedSpecError (a ValueError) here; compiling happens off this thread
+        # validating and compiling happen off this thread; a spec that fails rejects the request
         handle = self.guided.compiler.submit(so.spec, so.backend) if so is not None else None
         if handle is not None and handle.ready and handle.error is not None:
             raise handle.future.exception()

@@ -4,9 +4,9 @@
 model's vocabulary (lazily, on its worker thread), picks one per spec (``auto``: xgrammar,
 falling back to outlines for what xgrammar cannot compile), and compiles on a background
 thread so the step loop never waits: :meth:`GuidedCompiler.submit` returns a
-:class:`GrammarHandle` at once; the scheduler admits the request when ``handle.ready``.
-Compiled grammars are cached by ``(backend, spec.key)`` (LRU), so a repeated schema compiles
-nothing.
+:class:`GrammarHandle` at once (validation, which for outlines-core builds an index, runs on the
+worker too); the scheduler admits the request when ``handle.ready``. Compiled grammars are
+cached by ``(requested backend, spec.key)`` (LRU), so a repeated schema compiles nothing.
 """
 from __future__ import annotations
 
@@ -98,10 +98,10 @@ def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[Gui
 class GrammarHandle:
     """A compile in flight or done: ``ready`` once it finished; then ``grammar`` or ``error``."""
 
-    __slots__ = ("future", "backend", "spec")
+    __slots__ = ("future", "requested", "spec")
 
-    def __init__(self, future: Future, backend: str, spec: GuidedSpec):
-        self.future, self.backend, self.spec = future, backend, spec
+    def __init__(self, future: Future, requested: str, spec: GuidedSpec):
+        self.future, self.requested, self.spec = future, requested, spec
 
     @property
     def ready(self) -> bool:
@@ -145,27 +145,35 @@ class GuidedCompiler:
                 b = self._backends[name] = self.classes[name](self.vocab)
             return b
 
+    def resolve(self, spec: GuidedSpec, backend: str | None = None) -> str:
+        """The backend that will compile ``spec``; raises :class:`GuidedSpecError` naming the parameter.
+        Validation parses the spec (outlines-core builds an index), so callers on the step loop leave
+        it to :meth:`submit`; the API process and ``LLM`` call this first to fail fast."""
+        return choose_backend(spec, backend or self.default_backend, self.classes)
+
     def submit(self, spec: GuidedSpec, backend: str | None = None) -> GrammarHandle:
-        """Start compiling ``spec`` (or find it cached). Raises GuidedSpecError for a bad spec at once."""
-        name = choose_backend(spec, backend or self.default_backend, self.classes)
-        key = (name, spec.key)
+        """Start validating and compiling ``spec`` on the worker thread (or find it cached); never
+        blocks. A bad spec fails the handle (``handle.error``) with the :class:`GuidedSpecError`."""
+        requested = backend or self.default_backend
+        key = (requested, spec.key)
         with self._lock:
             fut = self._cache.get(key)
             if fut is not None and not (fut.done() and fut.exception() is not None):
                 self._cache.move_to_end(key)
                 self.num_cache_hits += 1
-                return GrammarHandle(fut, name, spec)
-            fut = self._pool.submit(self._compile, name, spec)
+                return GrammarHandle(fut, requested, spec)
+            fut = self._pool.submit(self._compile, requested, spec)
             self._cache[key] = fut
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return GrammarHandle(fut, name, spec)
+        return GrammarHandle(fut, requested, spec)
 
     def compile(self, spec: GuidedSpec, backend: str | None = None) -> CompiledGrammar:
         """Blocking :meth:`submit` (offline tools, tests, benchmarks)."""
         return self.submit(spec, backend).future.result()
 
-    def _compile(self, name: str, spec: GuidedSpec) -> CompiledGrammar:
+    def _compile(self, requested: str, spec: GuidedSpec) -> CompiledGrammar:
+        name = self.resolve(spec, requested)
         t0 = time.perf_counter()
         grammar = self.backend(name).compile(spec)
         dt = time.perf_counter() - t0
