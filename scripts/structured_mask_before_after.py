@@ -1,109 +1,106 @@
-"""The mask's cost (constrained vs unconstrained output tok/s) on two code trees, side by side.
+"""The mask's cost per step, an earlier mask path against today's, side by side in one process.
 
-    python scripts/structured_mask_before_after.py MODEL --before DIR [--concurrency 32] [--rounds 2]
+    python scripts/structured_mask_before_after.py MODEL --before TREE [--concurrency 1,8,32]
 
-``DIR`` holds an older tree's packages importable as ``tokenmill`` and ``tokenmill_cpu`` (say
-``git archive OLD core plugins/cpu | tar -x -C X`` and ``X/path/tokenmill -> X/core``,
-``X/path/tokenmill_cpu -> X/plugins/cpu/tokenmill_cpu``; ``--before X/path``). Each round runs one
-process per tree, alternating, each measuring both modes the way ``tokenmill bench structured``
-does (jump-forward off, a schema that cannot end, every token sampled under the mask); the
-ratios are within a process, the best round of each tree is kept.
+``TREE`` is an earlier checkout's ``core/`` (say ``git archive OLD core | tar -x -C X``, then
+``--before X/core``): its ``guided/runtime.py`` ``GuidedRuntime.mask`` and its reference
+``apply_token_bitmask`` are loaded from there and run in the same engine as today's mask and
+registered op. Three modes share one engine and the same prompts: unconstrained, constrained
+with the earlier path, constrained with today's (jump-forward off, a schema that cannot end
+within ``--output-len``, so every token is sampled under the mask, as ``tokenmill bench
+structured`` measures). Per concurrency, ``--reps`` rounds run the modes back to back in
+rotating order; medians of tok/s, of the per-round cost ratios and of the milliseconds per step
+spent in ``mask`` are printed.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import importlib.util
+import statistics
 import sys
 import time
+from pathlib import Path
 
 
-def worker(model: str, concurrency: list[int], output_len: int, reps: int) -> dict:
-    import statistics
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--before", required=True, help="an earlier tree's core/ directory")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
 
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.structured import ENDLESS, _prompts
     from tokenmill.guided import StructuredOutputsParams
     from tokenmill.guided.runtime import GuidedRuntime
 
+    old_runtime = _load(Path(a.before) / "guided" / "runtime.py", "before_runtime")
+    old_reference = _load(Path(a.before) / "ops" / "reference.py", "before_reference")
+    conc = [int(x) for x in a.concurrency.split(",")]
+    llm = LLM(model=a.model, device="cpu", max_num_seqs=max(conc), jump_forward=False)
+    runtime, kernels = llm.engine.guided, llm.engine.runner.kernels
+    new_op = kernels.apply_token_bitmask
+    paths = {"before": (old_runtime.GuidedRuntime.mask, old_reference.apply_token_bitmask),
+             "after": (GuidedRuntime.mask, new_op)}
     spent = [0.0]
-    mask = GuidedRuntime.mask
+    use = {"fn": None}
 
-    def timed_mask(*a, **k):  # the time a step spends filling and applying the bitmask
+    def timed_mask(*args):
         t0 = time.perf_counter()
         try:
-            return mask(*a, **k)
+            return use["fn"](*args)
         finally:
             spent[0] += time.perf_counter() - t0
 
-    GuidedRuntime.mask = timed_mask
-    llm = LLM(model=model, device="cpu", max_num_seqs=max(concurrency), jump_forward=False)
+    runtime.mask = lambda logits, rows, seqs, _op: timed_mask(runtime, logits, rows, seqs, use["op"])
     tok = llm.get_tokenizer()
     so = StructuredOutputsParams(json=ENDLESS, disable_any_whitespace=True)
-    modes = {"unconstrained": SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
-             "constrained": SamplingParams(temperature=0, max_tokens=output_len, structured_outputs=so)}
-    llm.generate(_prompts(tok, 2, 99), list(modes.values()))
-    out = {"op": llm.engine.runner.kernels.providers["apply_token_bitmask"]}
-    for c in concurrency:
-        prompts = [{"prompt_token_ids": p} for p in _prompts(tok, c, c)]
-        tps: dict[str, list[float]] = {m: [] for m in modes}
-        ratios, mask_ms, step_ms = [], [], []
-        for rep in range(reps):  # the modes back to back, in alternating order: a ratio per pair
-            pair = {}
-            for name in (modes if rep % 2 == 0 else list(modes)[::-1]):
+    free = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
+    constrained = SamplingParams(temperature=0, max_tokens=a.output_len, structured_outputs=so)
+    modes = ["unconstrained", "before", "after"]
+    print(f"model {a.model}; today's op: {kernels.providers['apply_token_bitmask']}; earlier path from {a.before}",
+          flush=True)
+    for path in ("before", "after"):  # warm both
+        use["fn"], use["op"] = paths[path]
+        llm.generate(_prompts(tok, 2, 99), [free, constrained])
+    print(f"\n{'c':>3}{'unconstrained tok/s':>21}{'before tok/s':>14}{'after tok/s':>13}{'cost before':>13}"
+          f"{'cost after':>12}{'mask ms/step before':>21}{'after':>7}{'step ms':>9}")
+    for c in conc:
+        prompts = [{"prompt_token_ids": x} for x in _prompts(tok, c, c)]
+        tps = {m: [] for m in modes}
+        cost = {"before": [], "after": []}
+        mask_ms = {"before": [], "after": []}
+        step_ms = []
+        for rep in range(a.reps):
+            got = {}
+            for m in modes[rep % 3:] + modes[:rep % 3]:
+                if m != "unconstrained":
+                    use["fn"], use["op"] = paths[m]
                 spent[0], s0, t0 = 0.0, llm.stats().steps, time.perf_counter()
-                outs = llm.generate(prompts, modes[name])
+                outs = llm.generate(prompts, free if m == "unconstrained" else constrained)
                 dt = time.perf_counter() - t0
-                pair[name] = sum(len(o.outputs[0].token_ids) for o in outs) / dt
-                tps[name].append(pair[name])
-                if name == "constrained":
-                    steps = llm.stats().steps - s0
-                    mask_ms.append(spent[0] * 1e3 / steps)
+                steps = llm.stats().steps - s0
+                got[m] = sum(len(o.outputs[0].token_ids) for o in outs) / dt
+                tps[m].append(got[m])
+                if m == "unconstrained":
                     step_ms.append(dt * 1e3 / steps)
-            ratios.append(1 - pair["constrained"] / pair["unconstrained"])
-        out[str(c)] = {"unconstrained": statistics.median(tps["unconstrained"]),
-                       "constrained": statistics.median(tps["constrained"]), "cost": statistics.median(ratios),
-                       "mask_ms": statistics.median(mask_ms), "step_ms": statistics.median(step_ms)}
-    return out
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
-    p.add_argument("--before", required=True, help="directory put first on PYTHONPATH for the earlier tree")
-    p.add_argument("--concurrency", default="32")
-    p.add_argument("--output-len", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=1, help="processes per tree, alternating")
-    p.add_argument("--reps", type=int, default=5, help="back-to-back pairs of runs per concurrency")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    conc = [int(x) for x in a.concurrency.split(",")]
-    if a.worker:
-        print(json.dumps(worker(a.model, conc, a.output_len, a.reps)))
-        return 0
-    best: dict[str, list] = {}
-    for rnd in range(a.rounds):
-        for tree in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
-            env = dict(os.environ)
-            if tree == "before":
-                env["PYTHONPATH"] = a.before + os.pathsep + env.get("PYTHONPATH", "")
-            cmd = [sys.executable, __file__, a.model, "--before", a.before, "--concurrency", a.concurrency,
-                   "--output-len", str(a.output_len), "--reps", str(a.reps), "--worker"]
-            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            print(f"round {rnd} {tree:<6} op={res['op']}: " + "  ".join(
-                f"c={c} {res[str(c)]['unconstrained']:.0f} vs {res[str(c)]['constrained']:.0f} tok/s "
-                f"(cost {res[str(c)]['cost']:+.1%}, mask {res[str(c)]['mask_ms']:.2f} of {res[str(c)]['step_ms']:.1f} "
-                f"ms/step)" for c in conc), flush=True)
-            for c in conc:
-                best.setdefault(f"{tree} c={c}", []).append({**res[str(c)], "op": res["op"]})
-    print(f"\n{'tree':<8}{'c':>4}{'unconstrained tok/s':>21}{'constrained tok/s':>19}{'mask cost':>11}"
-          f"{'mask ms/step':>14}{'step ms':>9}  op")
-    for key, runs in best.items():
-        tree, c = key.split(" c=")
-        r = min(runs, key=lambda r: r["mask_ms"])
-        print(f"{tree:<8}{c:>4}{r['unconstrained']:>21.0f}{r['constrained']:>19.0f}{r['cost']:>+11.1%}"
-              f"{r['mask_ms']:>14.2f}{r['step_ms']:>9.1f}  {r['op']}")
+                else:
+                    mask_ms[m].append(spent[0] * 1e3 / steps)
+            for m in cost:
+                cost[m].append(1 - got[m] / got["unconstrained"])
+        med = statistics.median
+        print(f"{c:>3}{med(tps['unconstrained']):>21.0f}{med(tps['before']):>14.0f}{med(tps['after']):>13.0f}"
+              f"{med(cost['before']):>+13.1%}{med(cost['after']):>+12.1%}{med(mask_ms['before']):>21.2f}"
+              f"{med(mask_ms['after']):>7.2f}{med(step_ms):>9.1f}", flush=True)
     return 0
 
 

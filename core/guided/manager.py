@@ -145,6 +145,11 @@ class GuidedCompiler:
                 b = self._backends[name] = self.classes[name](self.vocab)
             return b
 
+    def warm(self, fn) -> None:
+        """Run ``fn()`` on the worker thread ahead of every compile submitted after it (per-vocabulary
+        set-up the step loop would otherwise do on first use)."""
+        self._pool.submit(fn)
+
     def resolve(self, spec: GuidedSpec, backend: str | None = None) -> str:
         """The backend that will compile ``spec``; raises :class:`GuidedSpecError` naming the parameter.
         Validation parses the spec (outlines-core builds an index), so callers on the step loop leave

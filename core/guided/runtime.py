@@ -63,6 +63,8 @@ class GuidedRuntime:
         self._token_bytes = None
         #: Forced tokens appended (beyond the sampled ones), for benchmarks.
         self.num_forced_tokens = 0
+        # jump-forward reads every token's bytes: built on the compile thread, done before any grammar
+        compiler.warm(self.vocab.token_bytes)
 
     def seq(self, params, output_token_ids, old: GuidedSeq | None = None) -> GuidedSeq:
         """The state of a sequence arriving in a ``NewSeq``: ``old`` if given (it followed the same
