@@ -9,7 +9,7 @@ import pytest
 
 from tokenmill.attention.interface import AttentionBackend, AttentionSpec
 from tokenmill.cli import main
-from tokenmill.conformance import FAIL, PASS, PluginNotFound, run_suite
+from tokenmill.conformance import FAIL, PASS, SKIP, PluginNotFound, run_suite
 from tokenmill.conformance.attention_checks import GQA_RATIOS, SCENARIOS, grid, refusal_check, refusal_specs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,15 @@ def test_cpu_plugin_passes_the_whole_suite(cpu_report):
         for dtype in ("float32", "float16", "bfloat16"):
             r = results[f"quant/cpu/CpuInt8Method/{mode}/{dtype}"]
             assert r.status == PASS and "worst relative error" in r.detail, r.detail
+    # the int4 matmul serves bfloat16 (8-bit GPTQ refused); other dtypes are refused, the reference serves them
+    gptq = results["quant/cpu/CpuGPTQMethod/gptq/bfloat16"]
+    assert gptq.status == PASS and "18 cases" in gptq.detail and "refused 1" in gptq.detail, gptq.detail
+    awq = results["quant/cpu/CpuAWQMethod/awq/bfloat16"]
+    assert awq.status == PASS and "6 cases" in awq.detail, awq.detail
+    for cls, key in (("CpuGPTQMethod", "gptq"), ("CpuAWQMethod", "awq")):
+        for dtype in ("float32", "float16"):
+            r = results[f"quant/cpu/{cls}/{key}/{dtype}"]
+            assert r.status == SKIP and "bfloat16 activations only" in r.detail, r.detail
 
 
 def test_offbyone_plugin_fails(offbyone_report):

@@ -5,7 +5,8 @@ weights with per-row scales without materialising the float weight. ``w8a8``:
 ``torch._int_mm`` runs the int8 x int8 -> int32 GEMM; the per-token and per-channel
 scales are applied as in the core's reference, whose int64 accumulation it matches
 exactly. Both subclass the core's :class:`~tokenmill.quant.int8.Int8Method`, keep its
-parameters and refusals, and are checked against it by the conformance suite.
+parameters and refusals, and are checked against it by the conformance suite. The 4-bit
+GPTQ and AWQ classes are in :mod:`tokenmill_cpu.quant4`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from tokenmill.quant.int8 import Int8Method, quantize_per_token
 from tokenmill.quant.params import expert_view
+from tokenmill_cpu.quant4 import CPU_INT4_METHODS
 
 
 class CpuInt8Method(Int8Method):
@@ -46,4 +48,4 @@ class CpuInt8Method(Int8Method):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-CPU_QUANT_METHODS = [CpuInt8Method]
+CPU_QUANT_METHODS = [CpuInt8Method, *CPU_INT4_METHODS]
