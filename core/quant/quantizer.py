@@ -140,25 +140,14 @@ def quantize_checkpoint(src, dst, fmt: str, bits: int = 4, group_size: int = 128
         raise ValueError(f"gptq: bits={bits} is not supported (supported: {SUPPORTED_BITS})")
     if fmt == "awq" and bits != 4:
         raise ValueError("awq: only 4 bits")
-    config = json.loads((Path(src) / "config.json").read_text())
-    if config.get("quantization_config"):
-        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
 
-    def convert(name, tensor):
-        if not is_quantizable(name):
-            return {name: tensor}
-        base = name[: -len(".weight")]
+    def quantize(name, tensor):
         if fmt == "gptq":
-            order = act_order(name, tensor.shape[1]) if desc_act else None
-            parts = gptq_quantize(tensor, bits, group_size, sym, order)
-        elif fmt == "awq":
-            parts = awq_quantize(tensor, group_size)
-        else:
-            parts = fp8_quantize(tensor)
-        return {f"{base}.{k}": v for k, v in parts.items()}
+            return gptq_quantize(tensor, bits, group_size, sym, act_order(name, tensor.shape[1]) if desc_act else None)
+        return awq_quantize(tensor, group_size) if fmt == "awq" else fp8_quantize(tensor)
 
     qcfg = checkpoint_config(fmt, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
-    out = rewrite_checkpoint(src, dst, convert, config_update={"quantization_config": qcfg})
+    out = _rewrite_quantized(src, dst, quantize, qcfg)
     if fmt == "gptq":  # AutoGPTQ also writes its own config file next to the weights
         (out / "quantize_config.json").write_text(
             json.dumps({k: v for k, v in qcfg.items() if k != "quant_method"}, indent=2) + "\n")
@@ -169,6 +158,13 @@ def _quantize_compressed_tensors(src, dst, scheme: str, group_size: int, sym: bo
     from tokenmill.quant import ct_writer
 
     s = ct_writer.scheme(scheme, group_size, sym)
+    return _rewrite_quantized(src, dst, lambda name, tensor: ct_writer.compress(tensor, s),
+                              ct_writer.quantization_config(s))
+
+
+def _rewrite_quantized(src, dst, quantize, qcfg: dict) -> Path:
+    """``dst``: ``src`` with each quantizable ``<base>.weight`` replaced by ``<base>.<k>`` for ``quantize(name, w)``'s
+    ``{k: tensor}``, and ``qcfg`` as its ``quantization_config``; an already quantized ``src`` is refused."""
     config = json.loads((Path(src) / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
@@ -177,6 +173,6 @@ def _quantize_compressed_tensors(src, dst, scheme: str, group_size: int, sym: bo
         if not is_quantizable(name):
             return {name: tensor}
         base = name[: -len(".weight")]
-        return {f"{base}.{k}": v for k, v in ct_writer.compress(tensor, s).items()}
+        return {f"{base}.{k}": v for k, v in quantize(name, tensor).items()}
 
-    return rewrite_checkpoint(src, dst, convert, config_update={"quantization_config": ct_writer.quantization_config(s)})
+    return rewrite_checkpoint(src, dst, convert, config_update={"quantization_config": qcfg})
