@@ -50,10 +50,12 @@ def test_bench_throughput_side_by_side(model, tmp_path):
 def test_bench_throughput_quantization_modes_side_by_side(model, tmp_path):
     out, png = tmp_path / "q.json", tmp_path / "q.png"
     proc = tokenmill("bench", "throughput", model, "--num-prompts", "2", "--min-len", "8", "--max-len", "16",
-                     "--output-len", "4", "--quantization", "fp32,int8,gptq", "--quant-group-size", "32",
-                     "--json-out", str(out), "--plot", str(png))
+                     "--output-len", "4", "--quantization", "fp32,int8,gptq,gptq-bf16", "--quant-group-size", "32",
+                     "--json-out", str(out), "--plot", str(png), timeout=600)
     results = {r["mode"]: r for r in json.loads(out.read_text())}
-    assert list(results) == ["fp32", "int8", "gptq"] and png.stat().st_size > 0
+    assert list(results) == ["fp32", "int8", "gptq", "gptq-bf16"] and png.stat().st_size > 0
+    assert results["gptq"]["implementation"] == "GPTQMethod (tokenmill)"
+    assert results["gptq-bf16"]["implementation"] == "CpuGPTQMethod (cpu)"
     assert results["fp32"]["agreement"] == 1.0 and results["fp32"]["quantization"] == "none"
     assert results["gptq"]["quantization"].startswith("gptq 4-bit group 32")
     fp32, int8, gptq = (results[m]["linear_bytes"] for m in ("fp32", "int8", "gptq"))

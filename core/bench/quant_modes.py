@@ -4,7 +4,8 @@ One float checkpoint, every mode in one run, each in a fresh subprocess on the s
 workload: ``fp32``/``bf16`` (dtype only), the online modes (``int8``, ``w8a8``, ``fp8``, on
 float32 activations) and the checkpoint formats, written first by ``tokenmill quantize``
 into a temporary directory (round-to-nearest; ``gptq``/``awq``: 4-bit, ``--quant-group-size``
-inputs per group; ``ct-w4a16``, ``ct-w8a8``, ``ct-fp8``: compressed-tensors schemes). Per
+inputs per group, on float32 activations; ``gptq-bf16``/``awq-bf16``: the same on bfloat16, where
+the cpu plugin's int4 matmul serves them; ``ct-w4a16``, ``ct-w8a8``, ``ct-fp8``: compressed-tensors schemes). Per
 mode: the bytes the model's quantizable linear layers hold (every tensor they keep, each
 storage once; not the embeddings, norms, router or ``lm_head``), all weights' bytes,
 output tok/s, and the share of greedy tokens equal to fp32's at the same position. A
@@ -28,6 +29,8 @@ MODES = {
     "fp8": ("float32", "fp8", None),
     "gptq": ("float32", None, dict(fmt="gptq", bits=4)),
     "awq": ("float32", None, dict(fmt="awq")),
+    "gptq-bf16": ("bfloat16", None, dict(fmt="gptq", bits=4)),
+    "awq-bf16": ("bfloat16", None, dict(fmt="awq")),
     "ct-w4a16": ("float32", None, dict(fmt="compressed-tensors", scheme="w4a16")),
     "ct-w8a8": ("float32", None, dict(fmt="compressed-tensors", scheme="w8a8")),
     "ct-fp8": ("float32", None, dict(fmt="compressed-tensors", scheme="fp8")),
