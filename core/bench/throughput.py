@@ -178,6 +178,34 @@ def plot(results: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _print_limit(args, model: str, results: list[dict]) -> None:
+    """Each run's share of this machine's matmul limit for its workload, and the KV bytes per token."""
+    from tokenmill.bench.limits import ModelShapes, gemm_gflops, workload_limit
+
+    try:
+        shapes = ModelShapes.from_checkpoint(model)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"(no matmul limit: {model} is not a Llama-shaped checkpoint: {exc})")
+        return
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    gflops = gemm_gflops(shapes, dtype)
+    size = {"float32": 4}.get(dtype, 2)
+    print(f"\nmatmul limit: this machine's {dtype} GEMM at the model's shapes (256 rows, measured now) runs at "
+          f"{gflops:,.0f} GFLOP/s; {shapes.flops_per_token() / 1e6:.1f} MFLOP per output token, "
+          f"{shapes.flops_per_token(lm_head=False) / 1e6:.1f} per prompt token; KV cache "
+          f"{shapes.kv_bytes_per_token(size) / 1024:.0f} KiB per token in {dtype} (both engines store K and V per "
+          f"layer and KV head)")
+    prompt_tokens = {r["prompts"]: r["prompt_tokens"] for r in results if "prompt_tokens" in r}
+    for r in results:
+        pt = r.get("prompt_tokens", prompt_tokens.get(r["prompts"]))
+        if pt is None:
+            continue
+        limit = workload_limit(shapes, pt, r["output_tokens"], gflops)
+        r["matmul_limit_tok_s"], r["share_of_limit"] = limit, r["output_tok_s"] / limit
+        print(f"  {r['engine']:<12} {r['prompts']:>5} prompts: limit {limit:,.0f} output tok/s, reached "
+              f"{r['share_of_limit']:.0%}")
+
+
 def run(args) -> int:
     from tokenmill.default_model import resolve_model
 
@@ -249,6 +277,7 @@ def run(args) -> int:
         if "outputs_sha" in r:
             line += f"; all outputs {'identical' if r['outputs_sha'] == tm['outputs_sha'] else 'DIFFER'}"
         print(line + f" ({tm['first_tokens']} vs {r['first_tokens']})")
+    _print_limit(args, model, results)
     if len(counts) > 1 and args.plot:
         plot(results, args.plot, "offline output tok/s")
         print(f"plot: {args.plot}")

@@ -1,0 +1,66 @@
+"""What the hardware allows a model: the matmul limit of a workload, and KV bytes per token.
+
+The limit is this machine's own GEMM rate at the model's linear shapes, measured in the
+same run (so it is as noisy as the engines it is compared with), divided by the matmul
+work of the workload: ``2 * linear parameters`` FLOPs per token, for every prompt token
+(prefill) and every output token (decode), the LM head once per output token. Attention's
+own FLOPs are left out, so the limit is a ceiling no engine reaches.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The linear layers of a Llama-family decoder: ``(in, out)`` per layer, the LM head, KV geometry."""
+
+    layer_linears: tuple[tuple[int, int], ...]
+    num_layers: int
+    lm_head: tuple[int, int]
+    num_kv_heads: int
+    head_size: int
+
+    @classmethod
+    def from_checkpoint(cls, model_dir) -> ModelShapes:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        head = cfg.get("head_dim") or hidden // heads
+        linears = ((hidden, (heads + 2 * kv) * head), (heads * head, hidden), (hidden, 2 * inter), (inter, hidden))
+        return cls(linears, cfg["num_hidden_layers"], (hidden, cfg["vocab_size"]), kv, head)
+
+    def flops_per_token(self, lm_head: bool = True) -> float:
+        per_layer = sum(2 * k * n for k, n in self.layer_linears)
+        return per_layer * self.num_layers + (2 * self.lm_head[0] * self.lm_head[1] if lm_head else 0)
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of every layer for one token (any paged layout stores these bytes, padding aside)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_size * dtype_bytes
+
+
+def gemm_gflops(shapes: ModelShapes, dtype: str = "float32", rows: int = 256, seconds: float = 1.0) -> float:
+    """This machine's GEMM rate (GFLOP/s) over the model's layer shapes at ``rows`` tokens, torch.mm."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    mats = [(torch.randn(rows, k).to(dt), torch.randn(k, n).to(dt)) for k, n in (*shapes.layer_linears, shapes.lm_head)]
+    flops = sum(2 * rows * b.shape[0] * b.shape[1] for _, b in mats)
+    for a, b in mats:
+        torch.mm(a, b)
+    passes, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or passes < 3:
+        for a, b in mats:
+            torch.mm(a, b)
+        passes += 1
+    return flops * passes / (time.perf_counter() - t0) / 1e9
+
+
+def workload_limit(shapes: ModelShapes, prompt_tokens: int, output_tokens: int, gflops: float) -> float:
+    """Output tok/s if every matmul of the workload ran at ``gflops``."""
+    work = prompt_tokens * shapes.flops_per_token(lm_head=False) + output_tokens * shapes.flops_per_token()
+    return output_tokens / (work / (gflops * 1e9)) if work else 0.0
