@@ -66,24 +66,23 @@ static inline __attribute__((always_inline)) void head_scores(const float *qs, c
     }
 }
 
-static inline __attribute__((always_inline)) void paged_decode(
-        const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+/* One task: sequence s = task / split, KV heads h0 .. h0 + Hk / split. Inlined into each exported
+   function's own parallel loop with bf16 a constant, so each KV dtype gets its own vector code. */
+static inline __attribute__((always_inline)) void decode_task(
+        int task, int split, const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
         const int64_t *q_rows, float *out, int64_t out_stride,
-        int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads, const int bf16) {
+        int H, int Hk, int D, int bs, float scale, int window, const int bf16) {
     const int G = H / Hk;
     const int64_t tok_stride = (int64_t)Hk * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
-    /* few sequences: one task per (sequence, KV head); many: one per sequence, streaming whole rows */
-    const int split = S < 4 * nthreads ? Hk : 1;
     const int heads_per_task = Hk / split;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int task = 0; task < S * split; task++) {
+    {
         const int s = task / split, h0 = (task % split) * heads_per_task;
         const int L = seq_lens[s];
         const int start = (window > 0 && L > window) ? L - window : 0;
         const int n = L - start;
-        if (n <= 0) continue;
+        if (n <= 0) return;
         const int nh = heads_per_task;
         const float *qs = q + q_rows[s] * q_stride + (int64_t)h0 * G * D;
         float *os = out + q_rows[s] * out_stride + (int64_t)h0 * G * D;
@@ -135,12 +134,19 @@ static inline __attribute__((always_inline)) void paged_decode(
     }
 }
 
+/* few sequences: one task per (sequence, KV head); many: one per sequence, streaming whole rows */
+#define DECODE_LOOP(BF16)                                                                              \
+    const int split = S < 4 * nthreads ? Hk : 1;                                                       \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                             \
+    for (int task = 0; task < S * split; task++)                                                       \
+        decode_task(task, split, q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens,     \
+                    q_rows, out, out_stride, H, Hk, D, bs, scale, window, BF16);
+
 void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                       const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
                       const int64_t *q_rows, float *out, int64_t out_stride,
                       int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
-    paged_decode(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, q_rows, out, out_stride,
-                 S, H, Hk, D, bs, scale, window, nthreads, 0);
+    DECODE_LOOP(0)
 }
 
 /* The same with a bfloat16 KV cache (q and out stay float32). */
@@ -148,8 +154,7 @@ void paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_cac
                          const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
                          const int64_t *q_rows, float *out, int64_t out_stride,
                          int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
-    paged_decode(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, q_rows, out, out_stride,
-                 S, H, Hk, D, bs, scale, window, nthreads, 1);
+    DECODE_LOOP(1)
 }
 """
 
