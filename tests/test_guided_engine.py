@@ -298,6 +298,7 @@ def test_bench_structured_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [r["concurrency"] for r in res["mask_cost"]] == [1, 2]
+    assert all(0 < r["guided_share"] < 1 for r in res["mask_cost"])
     (jf,) = res["jump_forward"]
     assert jf["same_value"] == 2 and jf["passes_on"] < jf["passes_off"]
     assert all(r["cached_ms"] < r["cold_ms"] for r in res["compile"])

@@ -16,6 +16,7 @@ the first constrained request arrives) and calls it on the hot path:
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -63,6 +64,9 @@ class GuidedRuntime:
         self._token_bytes = None
         #: Forced tokens appended (beyond the sampled ones), for benchmarks.
         self.num_forced_tokens = 0
+        #: Seconds spent in :meth:`mask` and :meth:`advance` (the guided work of the steps), for benchmarks.
+        self.mask_seconds = 0.0
+        self.advance_seconds = 0.0
         # jump-forward reads every token's bytes: built on the compile thread, done before any grammar
         compiler.warm(self.vocab.token_bytes)
 
@@ -85,6 +89,7 @@ class GuidedRuntime:
         """``logits`` with rows ``rows`` masked by their sequences' allowed tokens, in one fill per
         matcher class and one op over the batch (other rows untouched; the rows of a forking
         sequence share one fill; a sequence emitting forced text allows only its next token)."""
+        t0 = time.perf_counter()
         bm = np.zeros((logits.shape[0], self.vocab.bitmask_width), dtype=np.int32)
         first: dict[int, int] = {}
         copies: list[tuple[int, int]] = []
@@ -104,12 +109,21 @@ class GuidedRuntime:
             cls.fill_bitmasks(ms, bm, rs)
         for row, j in copies:
             bm[row] = bm[j]
-        return apply_op(logits, torch.from_numpy(bm), None if len(rows) == logits.shape[0] else rows)
+        out = apply_op(logits, torch.from_numpy(bm), None if len(rows) == logits.shape[0] else rows)
+        self.mask_seconds += time.perf_counter() - t0
+        return out
 
     def advance(self, gs: GuidedSeq, token: int) -> tuple[bool, list[int] | None]:
         """Accept the sampled ``token``; returns ``(terminated, replacement)``: ``replacement``
         (or None) takes the token's place - the token and the forced continuation, canonically
         tokenized together (all of it with jump-forward, else its first token)."""
+        t0 = time.perf_counter()
+        try:
+            return self._advance(gs, token)
+        finally:
+            self.advance_seconds += time.perf_counter() - t0
+
+    def _advance(self, gs: GuidedSeq, token: int) -> tuple[bool, list[int] | None]:
         m = gs.matcher
         if gs.forced:
             expected = gs.forced.pop(0)
