@@ -1,10 +1,10 @@
 """CPU versions of the elementwise ops: fewer passes over memory than the reference, same results.
 
-Each follows its contract in :mod:`tokenmill.ops.registry`. In float32 the norms and
-rotary run the plugin's C kernels (:mod:`tokenmill_cpu.native_ops`) where they were built,
-else torch's fused CPU kernels, writing fresh outputs (inputs are never modified); in half
-precision they defer to the reference, whose casts the contract spells out and which
-torch's fused kernels would not reproduce.
+Each follows its contract in :mod:`tokenmill.ops.registry`. In float32 and bfloat16 the
+norms and rotary run the plugin's C kernels (:mod:`tokenmill_cpu.native_ops`) where they
+were built, writing fresh outputs (inputs are never modified); otherwise float32 uses
+torch's fused CPU kernels and half precision the reference, whose casts the contract
+spells out and which torch's fused kernels would not reproduce.
 """
 from __future__ import annotations
 
@@ -16,23 +16,23 @@ from tokenmill_cpu import native, native_ops
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return reference.rms_norm(x, weight, eps)
     lib = native.library()
     out = native_ops.rms_norm(lib, x, weight, eps) if lib is not None else None
     if out is not None:
         return out
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return reference.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return reference.fused_add_rms_norm(x, residual, weight, eps)
     lib = native.library()
     out = native_ops.fused_add_rms_norm(lib, x, residual, weight, eps) if lib is not None else None
     if out is not None:
         return out
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
     new_residual = torch.add(residual, x)
     return F.rms_norm(new_residual, (x.shape[-1],), weight, eps), new_residual
 
@@ -47,12 +47,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                      head_size: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     rotary_dim = cos_sin_cache.shape[-1]
-    if not is_neox or rotary_dim != head_size or q.dtype != torch.float32 or k.dtype != torch.float32:
-        return reference.rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox)
-    lib = native.library()
+    lib = native.library() if is_neox else None
     out = native_ops.rotary_neox(lib, positions, q, k, cos_sin_cache, head_size) if lib is not None else None
     if out is not None:
         return out
+    if not is_neox or rotary_dim != head_size or q.dtype != torch.float32 or k.dtype != torch.float32:
+        return reference.rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox)
     half = rotary_dim // 2
     n = positions.shape[0]
     cos_sin = cos_sin_cache.index_select(0, positions.to(torch.long))
