@@ -35,9 +35,13 @@ class Worker:
         self.platform = pm.select_platform(config.device)
         self.tp = init_group(self.platform.dist_backend, init_method, rank, size,
                              config.parallel.distributed_timeout)
-        hf_config = load_config(config.model.model)
-        self.runner = ModelRunner(config, self.platform, pm, hf_config, tp=self.tp,
-                                  device_index=rank if local_rank is None else local_rank)
+        try:
+            hf_config = load_config(config.model.model)
+            self.runner = ModelRunner(config, self.platform, pm, hf_config, tp=self.tp,
+                                      device_index=rank if local_rank is None else local_rank)
+        except BaseException:
+            self.shutdown()  # a refused model must not leave this process's group behind for the next engine
+            raise
 
     def num_kv_blocks(self, max_needed: int) -> int:
         """The pool every rank can hold: the smallest of the ranks' budgets (collective)."""
