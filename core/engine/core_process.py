@@ -228,10 +228,14 @@ class CoreClient:
         level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         self.process = ctx.Process(target=_core_main, args=(config, cmd_r, out_w, level),
                                    name="tokenmill-core", daemon=True)
-        # The API process shares the host's cores with the core's OpenMP workers; spinning
-        # workers starve it (measured: ~13% more output tok/s at 8 and 32 clients when passive).
-        # The spawned child reads the variable when its OpenMP runtime starts. A user's setting wins.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # The API process shares the host's cores with the core's OpenMP workers, which wait for
+        # work between a step's parallel regions. Measured on 2 cores, llama20m, 8 streaming clients
+        # (out tok/s, idle host / host with two busy loops): unbounded spinning (ACTIVE) 649-671 /
+        # starves the rest, libgomp's default 300k spins 634 / 99, sleeping at once (PASSIVE) 491 /
+        # 258, a 10k spin 598 / 239: so a short spin, unless the user chose a policy. The spawned
+        # child reads the variables when its OpenMP runtime starts.
+        if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+            os.environ["GOMP_SPINCOUNT"] = "10000"
         self.process.start()
         # Close our copies of the child's ends, so that its death shows up as EOF here.
         cmd_r.close()
