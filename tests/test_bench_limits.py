@@ -32,6 +32,9 @@ def test_workload_limit_counts_prefill_and_decode():
     assert workload_limit(shapes, 0, 0, 1.0) == 0.0
 
 
-def test_gemm_rate_is_measured():
+def test_gemm_rate_is_measured_through_the_platforms_float_linear():
+    from tokenmill_cpu.linear import CpuPackedLinearMethod
+
     shapes = ModelShapes(((64, 64),), 1, (64, 128), 1, 8)
     assert gemm_gflops(shapes, rows=16, seconds=0.05) > 0
+    assert gemm_gflops(shapes, rows=16, seconds=0.05, method=CpuPackedLinearMethod("none", None, None)) > 0

@@ -1,6 +1,7 @@
 """What the hardware allows a model: the matmul limit of a workload, and KV bytes per token.
 
-The limit is this machine's own GEMM rate at the model's linear shapes, measured in the
+The limit is this machine's own matmul rate at the model's linear shapes, through the float
+linear the engine uses on the platform (the cpu plugin's repacked oneDNN weights), measured in the
 same run (so it is as noisy as the engines it is compared with), divided by the matmul
 work of the workload: ``2 * linear parameters`` FLOPs per token, for every prompt token
 (prefill) and every output token (decode), the LM head once per output token. Attention's
@@ -43,20 +44,35 @@ class ModelShapes:
         return 2 * self.num_layers * self.num_kv_heads * self.head_size * dtype_bytes
 
 
-def gemm_gflops(shapes: ModelShapes, dtype: str = "float32", rows: int = 256, seconds: float = 1.0) -> float:
-    """This machine's GEMM rate (GFLOP/s) over the model's layer shapes at ``rows`` tokens, torch.mm."""
+def gemm_gflops(shapes: ModelShapes, dtype: str = "float32", rows: int = 256, seconds: float = 1.0,
+                method=None) -> float:
+    """This machine's matmul rate (GFLOP/s) over the model's linear shapes at ``rows`` tokens.
+
+    ``method``: the float linear the engine uses here (see
+    :func:`tokenmill.quant.registry.resolve_float_method`; a plugin's may repack weights at
+    load), else ``F.linear``.
+    """
     import torch
 
+    from tokenmill.quant.unquantized import UNQUANTIZED
+
+    method = method or UNQUANTIZED
     dt = getattr(torch, dtype)
-    mats = [(torch.randn(rows, k).to(dt), torch.randn(k, n).to(dt)) for k, n in (*shapes.layer_linears, shapes.lm_head)]
-    flops = sum(2 * rows * b.shape[0] * b.shape[1] for _, b in mats)
-    for a, b in mats:
-        torch.mm(a, b)
-    passes, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or passes < 3:
-        for a, b in mats:
-            torch.mm(a, b)
-        passes += 1
+    layers = []
+    for k, n in (*shapes.layer_linears, shapes.lm_head):
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(torch.randn(n, k).to(dt), requires_grad=False)
+        method.process_weights_after_loading(layer)
+        layers.append((layer, torch.randn(rows, k).to(dt)))
+    flops = sum(2 * rows * x.shape[1] * layer.weight.shape[0] for layer, x in layers)
+    with torch.no_grad():
+        for layer, x in layers:
+            method.apply(layer, x)
+        passes, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or passes < 3:
+            for layer, x in layers:
+                method.apply(layer, x)
+            passes += 1
     return flops * passes / (time.perf_counter() - t0) / 1e9
 
 

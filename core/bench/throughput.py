@@ -187,11 +187,19 @@ def _print_limit(args, model: str, results: list[dict]) -> None:
     except (OSError, KeyError, ValueError) as exc:
         print(f"(no matmul limit: {model} is not a Llama-shaped checkpoint: {exc})")
         return
+    import torch
+
+    from tokenmill.plugins import get_plugin_manager
+    from tokenmill.quant.registry import resolve_float_method
+
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    gflops = gemm_gflops(shapes, dtype)
+    pm = get_plugin_manager()
+    method = resolve_float_method(pm.registered("quantization_methods"), pm.select_platform(args.device),
+                                  getattr(torch, dtype))
+    gflops = gemm_gflops(shapes, dtype, method=method)
     size = {"float32": 4}.get(dtype, 2)
-    print(f"\nmatmul limit: this machine's {dtype} GEMM at the model's shapes (256 rows, measured now) runs at "
-          f"{gflops:,.0f} GFLOP/s; {shapes.flops_per_token() / 1e6:.1f} MFLOP per output token, "
+    print(f"\nmatmul limit: this machine's {dtype} matmul at the model's shapes (256 rows, "
+          f"{type(method).__name__}, measured now) runs at {gflops:,.0f} GFLOP/s; {shapes.flops_per_token() / 1e6:.1f} MFLOP per output token, "
           f"{shapes.flops_per_token(lm_head=False) / 1e6:.1f} per prompt token; KV cache "
           f"{shapes.kv_bytes_per_token(size) / 1024:.0f} KiB per token in {dtype} (both engines store K and V per "
           f"layer and KV head)")
