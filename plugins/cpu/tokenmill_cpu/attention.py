@@ -123,17 +123,11 @@ class CpuAttention(AttentionBackend):
 
     def _decode(self, q, k_cache, v_cache, out, plan: _Plan) -> None:
         window = self.spec.sliding_window
-        if self.native is not None and k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous():
-            if q.dtype == torch.float32:
-                qc = q if q.stride(-1) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
-                native.paged_decode(qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
-                                    out, self.scale, window, self.num_threads)
-                return
-            # bfloat16: the cache is read in place; only the few query and output rows are widened
-            qf, of = q.to(torch.float32), torch.empty(out.shape, dtype=torch.float32)
-            native.paged_decode(qf, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
-                                of, self.scale, window, self.num_threads)
-            out[plan.decode_rows] = of[plan.decode_rows].to(out.dtype)
+        if self.native is not None and k_cache.dtype == q.dtype and q.dtype in (torch.float32, torch.bfloat16) \
+                and k_cache.is_contiguous():
+            qc = q if q.stride(-1) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+            native.paged_decode(qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
+                                out, self.scale, window, self.num_threads)
             return
         bs, tables = plan.block_size, plan.decode_tables
         nseq, nb = tables.shape

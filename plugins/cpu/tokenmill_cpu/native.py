@@ -39,9 +39,9 @@ ATTENTION_SOURCE = r"""
 
 /* Decode attention. For each decode sequence s (its query row q_rows[s]):
    context length L = seq_lens[s]; keys 0..L-1 live in pages block_tables[s*bt_stride + i],
-   token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous,
-   float32 or bfloat16 (read in place, widened to float32). q and out: float32 rows of H*D
-   with row strides q_stride / out_stride; head h reads KV head h / G. window > 0 keeps only
+   token t at page t / bs, offset t % bs. Cache layout [num_blocks, bs, Hk, D], contiguous.
+   q, the cache and out are all float32 or all bfloat16 (read in place, widened to float32,
+   out rounded back); q and out: rows of H*D with row strides q_stride / out_stride; head h reads KV head h / G. window > 0 keeps only
    the last `window` keys. Per task: scores of the query heads (pass over K), softmax,
    weighted sum of values (pass over V), in float32. */
 
@@ -52,6 +52,13 @@ static inline __attribute__((always_inline)) float kv_at(const void *base, int64
         return c.f;
     }
     return ((const float *)base)[i];
+}
+
+static inline uint16_t attn_bf16_round(float f) {
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
 }
 
 static inline __attribute__((always_inline)) void head_scores(const float *qs, const void *kc, int64_t off,
@@ -69,10 +76,10 @@ static inline __attribute__((always_inline)) void head_scores(const float *qs, c
 /* One task: sequence s = task / split, KV heads h0 .. h0 + Hk / split. Inlined into each exported
    function's own parallel loop with bf16 a constant, so each KV dtype gets its own vector code. */
 static inline __attribute__((always_inline)) void decode_task(
-        int task, int split, const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+        int task, int split, const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
-        const int64_t *q_rows, float *out, int64_t out_stride,
-        int H, int Hk, int D, int bs, float scale, int window, const int bf16) {
+        const int64_t *q_rows, void *out, int64_t out_stride,
+        int H, int Hk, int D, int bs, float scale, int window, const int bf16, const int qbf16) {
     const int G = H / Hk;
     const int64_t tok_stride = (int64_t)Hk * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
@@ -84,8 +91,13 @@ static inline __attribute__((always_inline)) void decode_task(
         const int n = L - start;
         if (n <= 0) return;
         const int nh = heads_per_task;
-        const float *qs = q + q_rows[s] * q_stride + (int64_t)h0 * G * D;
-        float *os = out + q_rows[s] * out_stride + (int64_t)h0 * G * D;
+        const int64_t q_off = q_rows[s] * q_stride + (int64_t)h0 * G * D;
+        const int64_t o_off = q_rows[s] * out_stride + (int64_t)h0 * G * D;
+        const int qn = nh * G * D;
+        float *qbuf = qbf16 ? (float *)malloc(sizeof(float) * (size_t)qn) : NULL;
+        if (qbf16)
+            for (int i = 0; i < qn; i++) qbuf[i] = kv_at(q, q_off + i, 1);
+        const float *qs = qbf16 ? qbuf : (const float *)q + q_off;
         float *scores = (float *)malloc(sizeof(float) * (size_t)nh * G * (size_t)n);
         float *acc = (float *)calloc((size_t)nh * G * (size_t)D, sizeof(float));
         const int32_t *table = block_tables + (int64_t)s * bt_stride;
@@ -128,33 +140,39 @@ static inline __attribute__((always_inline)) void decode_task(
                 }
             }
         }
-        memcpy(os, acc, sizeof(float) * (size_t)nh * G * D);
+        if (qbf16) {
+            uint16_t *os = (uint16_t *)out + o_off;
+            for (int i = 0; i < qn; i++) os[i] = attn_bf16_round(acc[i]);
+            free(qbuf);
+        } else {
+            memcpy((float *)out + o_off, acc, sizeof(float) * (size_t)qn);
+        }
         free(scores);
         free(acc);
     }
 }
 
 /* few sequences: one task per (sequence, KV head); many: one per sequence, streaming whole rows */
-#define DECODE_LOOP(BF16)                                                                              \
+#define DECODE_LOOP(BF16, QBF16)                                                                              \
     const int split = S < 4 * nthreads ? Hk : 1;                                                       \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                             \
     for (int task = 0; task < S * split; task++)                                                       \
         decode_task(task, split, q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens,     \
-                    q_rows, out, out_stride, H, Hk, D, bs, scale, window, BF16);
+                    q_rows, out, out_stride, H, Hk, D, bs, scale, window, BF16, QBF16);
 
 void paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                       const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
                       const int64_t *q_rows, float *out, int64_t out_stride,
                       int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
-    DECODE_LOOP(0)
+    DECODE_LOOP(0, 0)
 }
 
-/* The same with a bfloat16 KV cache (q and out stay float32). */
-void paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
-                         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
-                         const int64_t *q_rows, float *out, int64_t out_stride,
-                         int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
-    DECODE_LOOP(1)
+/* All bfloat16: q, the cache and out (out rounded to nearest even), computed in float32. */
+void paged_decode_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                       const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+                       const int64_t *q_rows, uint16_t *out, int64_t out_stride,
+                       int S, int H, int Hk, int D, int bs, float scale, int window, int nthreads) {
+    DECODE_LOOP(1, 1)
 }
 """
 
@@ -220,7 +238,7 @@ def load():
 
             lib = ctypes.CDLL(str(_build(compiler)))
             i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-            for fn in (lib.paged_decode_f32, lib.paged_decode_bf16kv):
+            for fn in (lib.paged_decode_f32, lib.paged_decode_bf16):
                 fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32,
                                i32]
                 fn.restype = None
@@ -250,14 +268,14 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, q_rows, out, scale
                  num_threads: int) -> None:
     """Decode attention into ``out`` (see ``SOURCE``); tensors on the CPU.
 
-    ``q``, ``out``: float32 ``[T, H, D]`` with contiguous rows; ``k_cache``, ``v_cache``:
-    ``[num_blocks, block_size, Hk, D]`` contiguous, float32 or bfloat16; ``block_tables``
-    int32 ``[S, nb]`` (row-contiguous); ``seq_lens`` int32 ``[S]``; ``q_rows`` int64 ``[S]``.
+    ``q``, ``out``: ``[T, H, D]`` with contiguous rows; ``k_cache``, ``v_cache``:
+    ``[num_blocks, block_size, Hk, D]`` contiguous; all float32 or all bfloat16; ``block_tables`` int32 ``[S, nb]`` (row-contiguous); ``seq_lens`` int32
+    ``[S]``; ``q_rows`` int64 ``[S]``.
     """
     lib = _lib
     _, num_heads, head = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    fn = lib.paged_decode_f32 if k_cache.element_size() == 4 else lib.paged_decode_bf16kv
+    fn = lib.paged_decode_f32 if q.element_size() == 4 else lib.paged_decode_bf16
     fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
        block_tables.stride(0), seq_lens.data_ptr(), q_rows.data_ptr(), out.data_ptr(), out.stride(0), q_rows.shape[0],
        num_heads, num_kv_heads, head, block_size, float(scale), int(window or 0), int(num_threads))
