@@ -165,3 +165,22 @@ def test_server_with_a_dead_rank_fails_requests_and_reports_unhealthy():
         assert resp.status_code >= 500 and resp.json()["error"]["message"]
         wait_for(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 503, timeout=30)
         assert "rank 1 died" in httpx.get(server.url + "/health", timeout=5).text + server.log()
+
+
+def test_each_rank_holds_only_its_shard_of_the_weights():
+    """TP=2: rank 0's parameters are its half of every split tensor, not the whole model."""
+    path = make_tiny_model("llama")
+    whole = LLM(str(path), num_blocks=32, reference_ops=True)
+    full = {n: p.numel() for n, p in whole.engine.runner.model.named_parameters()}
+    width = {n: p.shape[-1] for n, p in whole.engine.runner.model.named_parameters()}
+    llm = LLM(str(path), num_blocks=32, tensor_parallel_size=2, distributed_timeout=120, reference_ops=True)
+    try:
+        shard = {n: p.numel() for n, p in llm.engine.executor.driver.model.named_parameters()}
+        assert shard.keys() == full.keys()
+        split = [n for n in full if n.endswith("_proj.weight") or n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+        # half of each split tensor, give or take the one padding row of an odd vocabulary
+        assert split and all(2 * shard[n] <= full[n] + 2 * width[n] for n in split), \
+            {n: (shard[n], full[n]) for n in split}
+        assert sum(shard.values()) < 0.6 * sum(full.values())
+    finally:
+        llm.engine.shutdown()
