@@ -16,21 +16,8 @@ import jsonschema
 import openai
 import pytest
 from api_conftest import assert_error, running_server
+from tool_fixtures import ASK, CLOCK, ENGINE, MODEL, TOOLS, WEATHER
 
-MODEL = "tokenmill-default"
-ENGINE = ["--device", "cpu", "--kv-cache-memory", "8MiB", "--max-model-len", "1024"]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-        "required": ["city", "days"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "The time in a time zone",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-                   "required": ["zone"], "additionalProperties": False}}}
-TOOLS = [WEATHER, CLOCK]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 _W = r'\{"name": "get_weather", "%s": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'

@@ -9,24 +9,11 @@ import jsonschema
 import openai
 import pytest
 from api_conftest import assert_error, running_server
+from tool_fixtures import ASK, CLOCK, ENGINE, MODEL, TOOLS, WEATHER
 
 from tokenmill.api.tool_calls import message, streamer
 from tokenmill.guided.tools import ToolCalling, history_for_template
 
-MODEL = "tokenmill-default"
-ENGINE = ["--device", "cpu", "--kv-cache-memory", "8MiB", "--max-model-len", "1024"]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-        "required": ["city", "days"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "The time in a time zone",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-                   "required": ["zone"], "additionalProperties": False}}}
-TOOLS = [WEATHER, CLOCK]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 HISTORY = ASK + [
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_abc", "type": "function",
