@@ -90,14 +90,19 @@ static void rotate_heads_##SUF(const T *x, T *o, int H, int D, const float *cs) 
         }                                                                                                  \
     }                                                                                                      \
 }                                                                                                          \
-void rotary_neox_##SUF(const int64_t *pos, const T *q, int64_t qs, const T *k, int64_t ks,                 \
-                       const float *cache, T *qo, T *ko, int T_, int Hq, int Hk, int D, int nthreads) {    \
+/* Returns 1, writing nothing, when a position lies outside the cache's `rows` rows; else 0. */            \
+int rotary_neox_##SUF(const int64_t *pos, const T *q, int64_t qs, const T *k, int64_t ks,                  \
+                      const float *cache, int64_t rows, T *qo, T *ko, int T_, int Hq, int Hk, int D,       \
+                      int nthreads) {                                                                      \
+    for (int t = 0; t < T_; t++)                                                                           \
+        if (pos[t] < 0 || pos[t] >= rows) return 1;                                                        \
     _Pragma("omp parallel for if ((int64_t)T_ * (Hq + Hk) * D >= PAR_MIN) num_threads(nthreads)")          \
     for (int t = 0; t < T_; t++) {                                                                         \
         const float *cs = cache + pos[t] * D;                                                              \
         rotate_heads_##SUF(q + t * qs, qo + (int64_t)t * Hq * D, Hq, D, cs);                               \
         rotate_heads_##SUF(k + t * ks, ko + (int64_t)t * Hk * D, Hk, D, cs);                               \
     }                                                                                                      \
+    return 0;                                                                                              \
 }
 
 DEFINE_OPS(f32, float, F32_LD, F32_ST, F32_R)
@@ -108,11 +113,13 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _ARGS = {
     "rms_norm": [_P, _I64, _P, _P, _I64, _I32, _I32, _F32, _I32],
     "fused_add_rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I32, _I32, _F32, _I32],
-    "rotary_neox": [_P, _P, _I64, _P, _I64, _P, _P, _P, _I32, _I32, _I32, _I32, _I32],
+    "rotary_neox": [_P, _P, _I64, _P, _I64, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32],
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: C function name -> ctypes argument types (set on the library by :func:`tokenmill_cpu.native.load`).
 SIGNATURES = {f"{op}_{suf}": args for op, args in _ARGS.items() for suf in _SUFFIX.values()}
+#: C function name -> ctypes return type, for those that return one (the rest return nothing).
+RESTYPES = {f"rotary_neox_{suf}": _I32 for suf in _SUFFIX.values()}
 
 
 def _fn(lib, op: str, *tensors):
@@ -160,11 +167,9 @@ def rotary_neox(lib, positions, q, k, cos_sin_cache, head_size):
         return None
     n = positions.shape[0]
     pos = positions.to(torch.int64).contiguous()
-    lo, hi = (int(v) for v in torch.aminmax(pos)) if n else (0, 0)
-    if lo < 0 or hi >= cos_sin_cache.shape[0]:  # the C loop would read outside the cache
-        raise IndexError(f"rotary position out of range of the cos/sin cache ({cos_sin_cache.shape[0]} rows)")
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
-    fn(pos.data_ptr(), q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), cos_sin_cache.data_ptr(),
-       q_out.data_ptr(), k_out.data_ptr(), n, q.shape[1] // head_size, k.shape[1] // head_size, head_size,
-       torch.get_num_threads())
+    if fn(pos.data_ptr(), q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), cos_sin_cache.data_ptr(),
+          cos_sin_cache.shape[0], q_out.data_ptr(), k_out.data_ptr(), n, q.shape[1] // head_size,
+          k.shape[1] // head_size, head_size, torch.get_num_threads()):
+        raise IndexError(f"rotary position out of range of the cos/sin cache ({cos_sin_cache.shape[0]} rows)")
     return q_out, k_out
