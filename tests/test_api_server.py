@@ -437,6 +437,18 @@ def test_bench_serve(server, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_serve_counts_error_responses_as_failed(server):
+    """A non-200 answer is a failed request carrying the server's status and body, not a crash."""
+    import asyncio
+
+    from tokenmill.bench.serve import _level
+
+    body = {"model": "no-such-model", "prompt": "hi", "max_tokens": 3, "stream": True}
+    r = asyncio.run(_level(server.url, {}, body, concurrency=2, num_requests=3, timeout=60))
+    assert r["requests"] == 3 and r["failed"] == 3 and r["output_tokens"] == 0
+    assert r["errors"] and r["errors"][0].startswith("HTTP 404") and "no-such-model" in r["errors"][0]
+
+
 def test_bench_serve_side_by_side(server, model_dir, tmp_path):
     """--against-vllm URL: a launched tokenmill and a second OpenAI server take turns in one run.
 
