@@ -444,7 +444,7 @@ def test_bench_serve_counts_error_responses_as_failed(server):
     from tokenmill.bench.serve import _level
 
     body = {"model": "no-such-model", "prompt": "hi", "max_tokens": 3, "stream": True}
-    r = asyncio.run(_level(server.url, {}, body, concurrency=2, num_requests=3, timeout=60))
+    r = asyncio.run(_level(server.url, {}, [body] * 3, body, concurrency=2, timeout=60))
     assert r["requests"] == 3 and r["failed"] == 3 and r["output_tokens"] == 0
     assert r["errors"] and r["errors"][0].startswith("HTTP 404") and "no-such-model" in r["errors"][0]
 
@@ -464,6 +464,26 @@ def test_bench_serve_side_by_side(server, model_dir, tmp_path):
     runs = json.loads(out.read_text())
     assert set(runs) == {"tokenmill", "vllm"} and all(len(r) == 1 for r in runs.values())
     assert all(lvl["failed"] == 0 and lvl["output_tokens"] == 4 * 5 for eng in runs.values() for lvl in eng[0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_serve_prompt_lens_side_by_side(server, model_dir, tmp_path):
+    """--prompt-lens: distinct exact-length prompts per request, both servers, no prefix-cache hits."""
+    png, out = tmp_path / "lens.png", tmp_path / "lens.json"
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "serve", "--launch", model_dir,
+                           "--launch-args=--max-model-len 256", "--against-vllm", server.url, "--prompt-lens", "16,40",
+                           "--concurrency", "1,2", "--num-requests", "3", "--max-tokens", "4", "--plot", str(png),
+                           "--json-out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 40 | 2 |" in proc.stdout and "greedy output identical" in proc.stdout
+    assert "prefill against the matmul limit" in proc.stdout and "KV cache per token" in proc.stdout
+    res = json.loads(out.read_text())
+    for eng in ("tokenmill", "vllm"):
+        (cases,) = res["runs"][eng]
+        assert [(c["prompt_len"], c["concurrency"]) for c in cases] == [(16, 1), (16, 2), (40, 1), (40, 2)]
+        assert all(c["failed"] == 0 and c["output_tokens"] == 3 * 4 for c in cases)
+        (cache,) = res["prefix_cache"][eng]
+        assert cache["hit_tokens"] == 0 and cache["queried_tokens"] >= 4 * 4 * (16 + 40) // 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -76,6 +76,25 @@ def gemm_gflops(shapes: ModelShapes, dtype: str = "float32", rows: int = 256, se
     return flops * passes / (time.perf_counter() - t0) / 1e9
 
 
+def engine_gemm_gflops(shapes: ModelShapes, dtype: str, device: str = "auto") -> tuple[float, str]:
+    """:func:`gemm_gflops` through the float linear the engine resolves on the selected platform, and its name."""
+    import torch
+
+    from tokenmill.plugins import get_plugin_manager
+    from tokenmill.quant.registry import resolve_float_method
+
+    pm = get_plugin_manager()
+    method = resolve_float_method(pm.registered("quantization_methods"), pm.select_platform(device),
+                                  getattr(torch, dtype))
+    return gemm_gflops(shapes, dtype, method=method), type(method).__name__
+
+
+def prefill_seconds(shapes: ModelShapes, prompt_tokens: int, gflops: float) -> float:
+    """The least time to a first token: the prompt's matmuls and one LM head at ``gflops`` (attention not counted)."""
+    work = prompt_tokens * shapes.flops_per_token(lm_head=False) + 2 * shapes.lm_head[0] * shapes.lm_head[1]
+    return work / (gflops * 1e9)
+
+
 def workload_limit(shapes: ModelShapes, prompt_tokens: int, output_tokens: int, gflops: float) -> float:
     """Output tok/s if every matmul of the workload ran at ``gflops``."""
     work = prompt_tokens * shapes.flops_per_token(lm_head=False) + output_tokens * shapes.flops_per_token()

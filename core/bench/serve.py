@@ -9,7 +9,8 @@ p50, p99). A PNG plot of latency against concurrency is written with matplotlib 
 Works against any server that speaks the OpenAI completions API (vLLM, SGLang, ...).
 
 ``--against-vllm PYTHON|URL`` (with ``--launch MODEL``) runs the same levels against vLLM-CPU in
-the same run (:mod:`tokenmill.bench.side_by_side`).
+the same run (:mod:`tokenmill.bench.side_by_side`). ``--prompt-lens N,N,...`` (with ``--launch``)
+sweeps prompt length instead of sending one prompt (:mod:`tokenmill.bench.prompt_lens`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt-text", default=None, help="the prompt every request sends")
     src.add_argument("--workload", default=None, help="a workload JSON (shared W): its serve_text is the prompt")
+    src.add_argument("--prompt-lens", default=None, metavar="N,N,...",
+                     help="sweep prompt length (with --launch): at each length, every concurrency level sends its own "
+                          "distinct prompts of exactly N tokens of the model's tokenizer (TTFT and ITL against length)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (by default every request yields --max-tokens tokens)")
@@ -55,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "already serving at this URL) in the same run and report tokenmill/vLLM ratios")
     p.add_argument("--pairs", type=int, default=1,
                    help="with --against-vllm: rounds of tokenmill-then-vLLM (the servers take turns)")
-    p.add_argument("--dtype", default="float32", help="with --against-vllm: the dtype vLLM serves the model in")
+    p.add_argument("--dtype", default="float32",
+                   help="with --against-vllm: the dtype vLLM serves the model in; with --prompt-lens: the dtype of the "
+                        "matmul limit the prefill times are set against")
 
 
 @dataclass
@@ -127,7 +133,8 @@ async def _one(session, url: str, body: dict, timeout: float) -> RequestResult:
                          text="".join(pieces))
 
 
-async def _level(base: str, headers: dict, body: dict, concurrency: int, num_requests: int, timeout: float) -> dict:
+async def _level(base: str, headers: dict, bodies: list[dict], warm: dict, concurrency: int, timeout: float) -> dict:
+    """``bodies`` (one request each, in order) sent by ``concurrency`` clients after one untimed ``warm`` request."""
     # aiohttp rather than httpx: the client shares the host's cores with the server it measures, and
     # per streamed token it used 0.07 ms of CPU against httpx's 0.16-0.19 (2 cores, 8 streams).
     import aiohttp
@@ -135,13 +142,13 @@ async def _level(base: str, headers: dict, body: dict, concurrency: int, num_req
     url = base + "/v1/completions"
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(headers=headers, connector=connector) as client:
-        await _one(client, url, {**body, "max_tokens": min(8, body["max_tokens"])}, timeout)  # warm the connection
-        todo = list(range(num_requests))
+        await _one(client, url, warm, timeout)  # warm the connection
+        todo = list(reversed(bodies))
         results: list[RequestResult] = []
 
         async def worker():
             while todo:
-                todo.pop()
+                body = todo.pop()
                 results.append(await _one(client, url, body, timeout))
 
         t0 = time.perf_counter()
@@ -158,7 +165,7 @@ async def _level(base: str, headers: dict, body: dict, concurrency: int, num_req
         "output_tok_s": out_tokens / duration,
         "ttft_mean_ms": 1e3 * mean(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
         "itl_mean_ms": 1e3 * mean(itl), "itl_p50_ms": 1e3 * _pct(itl, 0.5), "itl_p99_ms": 1e3 * _pct(itl, 0.99),
-        # every request sends the same greedy prompt, so one digest stands for the level's output
+        # the set of greedy completions: equal sets from two engines given the same prompts = the same work
         "outputs": sorted({hashlib.sha1(r.text.encode()).hexdigest()[:12] for r in good}),
     }
 
@@ -203,8 +210,9 @@ def plot(results: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def launch_server(args) -> tuple[subprocess.Popen, str]:
-    """Start ``tokenmill serve`` (``--launch``, ``--launch-args``) on a free port; the process and its URL once healthy."""
+def launch_server(args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start ``tokenmill serve`` (``--launch``, ``--launch-args``, then ``extra``) on a free port; the process and
+    its URL once healthy."""
     import socket
 
     import httpx
@@ -214,7 +222,7 @@ def launch_server(args) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     model = [] if args.launch == "default" else [args.launch]
     cmd = [sys.executable, "-m", "tokenmill", "serve", *model, "--port", str(port), "--log-level", "warning",
-           *shlex.split(args.launch_args)]
+           *shlex.split(args.launch_args), *extra]
     print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd)
     base = f"http://127.0.0.1:{port}"
@@ -230,6 +238,15 @@ def launch_server(args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
     proc.terminate()
     raise RuntimeError("the launched server did not become healthy within 600 s")
+
+
+def launched_checkpoint(args) -> str:
+    """The checkpoint directory ``--launch`` serves (``default``: the bundled model's)."""
+    if args.launch == "default":
+        from tokenmill.default_model import DEFAULT_MODEL_DIR
+
+        return str(DEFAULT_MODEL_DIR)
+    return os.path.abspath(args.launch)
 
 
 def prompt_text(args) -> str:
@@ -255,22 +272,35 @@ def stop_server(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def measure(base: str, headers: dict, model: str | None, prompt: str, levels: list[int], args) -> tuple[str, list]:
-    """Every concurrency level against one server; returns the model name asked for and one dict per level."""
+def served_model(base: str, headers: dict, model: str | None) -> str:
+    """``model``, or the first model the server lists."""
     import httpx
 
-    if model is None:
-        resp = httpx.get(base + "/v1/models", headers=headers, timeout=30)
-        resp.raise_for_status()
-        model = resp.json()["data"][0]["id"]
+    if model is not None:
+        return model
+    resp = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+def request_body(model: str, prompt, args) -> dict:
+    """A greedy streaming completion of ``prompt`` (text or token ids), ``--max-tokens`` long."""
     body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True
+    return body
+
+
+def measure(base: str, headers: dict, model: str | None, prompt: str, levels: list[int], args) -> tuple[str, list]:
+    """Every concurrency level against one server; returns the model name asked for and one dict per level."""
+    model = served_model(base, headers, model)
+    body = request_body(model, prompt, args)
     results = []
     for c in levels:
         print(f"concurrency {c}: {args.num_requests} requests ...", file=sys.stderr, flush=True)
-        r = asyncio.run(_level(base, headers, body, c, args.num_requests, args.timeout))
+        r = asyncio.run(_level(base, headers, [body] * args.num_requests,
+                               {**body, "max_tokens": min(8, args.max_tokens)}, c, args.timeout))
         results.append(r)
         print(f"  {r['output_tok_s']:,.1f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms, "
               f"ITL mean {r['itl_mean_ms']:.2f} ms, {r['failed']} failed {r['errors'] or ''}",
@@ -293,10 +323,17 @@ def run(args) -> int:
         raise ValueError("--concurrency levels and --num-requests must be positive")
     if not 1 <= args.pairs <= 20:
         raise ValueError(f"--pairs must be in [1, 20], got {args.pairs}")
+    cases = None
+    if args.prompt_lens is not None:
+        from tokenmill.bench import prompt_lens
+
+        cases = prompt_lens.cases_for(args, levels)
     if args.against_vllm:
         from tokenmill.bench.side_by_side import run_side_by_side
 
-        return run_side_by_side(args, levels)
+        return run_side_by_side(args, levels, cases)
+    if cases is not None:
+        return prompt_lens.run_alone(args, cases)
     prompt = prompt_text(args)
     proc = None
     base = args.base_url.rstrip("/").removesuffix("/v1")

@@ -180,26 +180,18 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def _print_limit(args, model: str, results: list[dict]) -> None:
     """Each run's share of this machine's matmul limit for its workload, and the KV bytes per token."""
-    from tokenmill.bench.limits import ModelShapes, gemm_gflops, workload_limit
+    from tokenmill.bench.limits import ModelShapes, engine_gemm_gflops, workload_limit
 
     try:
         shapes = ModelShapes.from_checkpoint(model)
     except (OSError, KeyError, ValueError) as exc:
         print(f"(no matmul limit: {model} is not a Llama-shaped checkpoint: {exc})")
         return
-    import torch
-
-    from tokenmill.plugins import get_plugin_manager
-    from tokenmill.quant.registry import resolve_float_method
-
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    pm = get_plugin_manager()
-    method = resolve_float_method(pm.registered("quantization_methods"), pm.select_platform(args.device),
-                                  getattr(torch, dtype))
-    gflops = gemm_gflops(shapes, dtype, method=method)
+    gflops, method = engine_gemm_gflops(shapes, dtype, args.device)
     size = {"float32": 4}.get(dtype, 2)
     print(f"\nmatmul limit: this machine's {dtype} matmul at the model's shapes (256 rows, "
-          f"{type(method).__name__}, measured now) runs at {gflops:,.0f} GFLOP/s; {shapes.flops_per_token() / 1e6:.1f} MFLOP per output token, "
+          f"{method}, measured now) runs at {gflops:,.0f} GFLOP/s; {shapes.flops_per_token() / 1e6:.1f} MFLOP per output token, "
           f"{shapes.flops_per_token(lm_head=False) / 1e6:.1f} per prompt token; KV cache "
           f"{shapes.kv_bytes_per_token(size) / 1024:.0f} KiB per token in {dtype} (both engines store K and V per "
           f"layer and KV head)")

@@ -18,7 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import re
 import urllib.request
+
+#: vLLM's KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB); side-by-side serving gives tokenmill the same budget.
+KV_GIB = 2
+#: The context vLLM's server is started with (``--max-model-len``).
+SERVER_MAX_MODEL_LEN = 2048
 
 #: Runs in vLLM's interpreter: argv = model, workload JSON, dtype, num_prompts (0: all), output file.
 OFFLINE_WORKER = r"""
@@ -102,7 +108,7 @@ def _preloads(python: str) -> list[str]:
     return found
 
 
-def vllm_env(python: str, kv_gib: int = 2) -> dict:
+def vllm_env(python: str, kv_gib: int = KV_GIB) -> dict:
     """Environment for vLLM-CPU: all usable cores bound, none reserved, preloads where installed."""
     env = dict(os.environ)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -163,7 +169,7 @@ def vllm_server(target: str, model: str, dtype: str, timeout: float = 300, log_p
         return
     port = _free_port()
     cmd = [target, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", dtype,
-           "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
+           "--max-model-len", str(SERVER_MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port)]
     log = open(log_path or os.devnull, "w")
     proc = subprocess.Popen(cmd, env=vllm_env(target), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -178,6 +184,12 @@ def vllm_server(target: str, model: str, dtype: str, timeout: float = 300, log_p
             proc.kill()
             proc.wait()
         log.close()
+
+
+def logged_kv_tokens(log_text: str) -> int | None:
+    """The KV cache size in tokens vLLM logs at start-up (``CPU KV cache size: 131,072 tokens``), if found."""
+    m = re.search(r"KV cache size: ([\d,]+) tokens", log_text)
+    return int(m.group(1).replace(",", "")) if m else None
 
 
 def served_model_name(base_url: str) -> str:

@@ -29,12 +29,17 @@ def load_workload(path: str) -> Workload:
                     [list(p) for p in data.get("warm", [])], path)
 
 
+def corpus_ids(tokenizer) -> list[int]:
+    """Token ids of a fixed English text: the first 400k characters of the standard library's pydoc topics."""
+    with open(sysconfig.get_paths()["stdlib"] + "/pydoc_data/topics.py", encoding="utf-8") as f:
+        text = f.read()
+    return tokenizer.encode(text[:400_000], add_special_tokens=False)
+
+
 def synthetic_workload(tokenizer, num_prompts: int = 64, min_len: int = 32, max_len: int = 256,
                        max_tokens: int = 128, seed: int = 0) -> Workload:
     """Prompts sliced from the standard library's pydoc text, lengths uniform in [min_len, max_len]."""
-    with open(sysconfig.get_paths()["stdlib"] + "/pydoc_data/topics.py", encoding="utf-8") as f:
-        text = f.read()
-    ids = tokenizer.encode(text[:400_000], add_special_tokens=False)
+    ids = corpus_ids(tokenizer)
     rng = random.Random(seed)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompts, off = [], 0
