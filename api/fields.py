@@ -171,6 +171,14 @@ def render_markdown() -> str:
             lines.append(f"| `{r.name}` | {r.status} | {note} |")
         ext = _extensions(endpoint)
         lines += ["", "Also honoured (vLLM's extensions): " + ", ".join(f"`{n}`" for n in ext) + ".", ""]
+    from tokenmill.guided.params import REQUEST_FIELDS
+
+    lines += ["`structured_outputs` (both endpoints; see [structured-output.md](structured-output.md)) takes "
+              "exactly one constraint and these options; any other sub-field is a 400 naming it:", "",
+              "| sub-field | effect |", "|---|---|"]
+    lines += [f"| `{name}` | {note} |" for name, note in REQUEST_FIELDS.items()]
+    lines += ["", "`guided_whitespace_pattern` is `structured_outputs.whitespace_pattern` for the constraint the "
+              "request sets otherwise (response_format or a guided_* field).", ""]
     lines += ["## vLLM extensions not implemented (both endpoints)", "",
               "A client written for vLLM that sets one of these gets a 400 naming it, not a silent 200.", "",
               "| field | status | notes |", "|---|---|---|"]

@@ -180,52 +180,59 @@ class _SamplingFields(APIRequest):
         from tokenmill.guided.interface import GuidedSpecError
 
         found: list[StructuredOutputsParams] = []
-        from tokenmill.guided.params import BACKEND_CHOICES
+        from tokenmill.guided.params import BACKEND_CHOICES, REQUEST_FIELDS
 
         backend = self.guided_decoding_backend
         if backend is not None and backend not in BACKEND_CHOICES:
             raise GuidedSpecError(f"guided_decoding_backend must be one of {', '.join(BACKEND_CHOICES)}, "
                                   f"got {backend!r}", "guided_decoding_backend")
-        if self.guided_whitespace_pattern is not None:
-            raise GuidedSpecError("guided_whitespace_pattern is not supported; use "
-                                  "structured_outputs.disable_any_whitespace", "guided_whitespace_pattern")
+        # vLLM's older alias of structured_outputs.whitespace_pattern; it applies to whichever JSON constraint is set
+        wp = self.guided_whitespace_pattern
         rf = self.response_format
         if rf is not None:
             kind = rf.get("type")
             if kind == "json_object":
-                found.append(StructuredOutputsParams(json_object=True, backend=backend, param="response_format"))
+                found.append(StructuredOutputsParams(json_object=True, backend=backend, whitespace_pattern=wp,
+                                                     param="response_format"))
             elif kind == "json_schema":
                 js = rf.get("json_schema")
                 if not isinstance(js, dict) or js.get("schema") is None:
                     raise GuidedSpecError("response_format.json_schema.schema is required for type json_schema",
                                           "response_format")
                 # strict or not, the output follows the schema (strict=false merely allows that)
-                found.append(StructuredOutputsParams(json=js["schema"], backend=backend,
+                found.append(StructuredOutputsParams(json=js["schema"], backend=backend, whitespace_pattern=wp,
                                                      param="response_format.json_schema.schema"))
             elif kind == "structural_tag":  # vLLM's: {"structures", "triggers"}, or xgrammar's {"format"}
-                found.append(StructuredOutputsParams(structural_tag={k: v for k, v in rf.items()},
-                                                     backend=backend, param="response_format"))
+                found.append(StructuredOutputsParams(structural_tag={k: v for k, v in rf.items()}, backend=backend,
+                                                     whitespace_pattern=wp, param="response_format"))
             elif kind != "text":
                 raise GuidedSpecError(f"response_format.type must be text, json_object, json_schema or "
                                       f"structural_tag, got {kind!r}", "response_format")
         if self.structured_outputs is not None:
             fields = dict(self.structured_outputs)
-            known = {"json", "regex", "choice", "grammar", "json_object", "structural_tag", "backend",
-                     "disable_any_whitespace"}
-            unknown = sorted(set(fields) - known)
+            unknown = sorted(set(fields) - set(REQUEST_FIELDS))
             if unknown:
                 raise GuidedSpecError(f"structured_outputs has unsupported field(s): {', '.join(unknown)}",
                                       "structured_outputs")
+            fields = {k: v for k, v in fields.items() if v is not None}  # a null means the default, as in vLLM
+            if wp is not None:
+                if fields.get("whitespace_pattern") is not None:
+                    raise GuidedSpecError("set only one of guided_whitespace_pattern and "
+                                          "structured_outputs.whitespace_pattern", "guided_whitespace_pattern")
+                fields["whitespace_pattern"] = wp
             fields.setdefault("backend", backend)
             found.append(StructuredOutputsParams(**fields))
         for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                            ("guided_grammar", "grammar")):
             value = getattr(self, name)
             if value is not None:
-                found.append(StructuredOutputsParams(**{kind: value}, backend=backend, param=name))
+                found.append(StructuredOutputsParams(**{kind: value}, backend=backend, whitespace_pattern=wp, param=name))
         if len(found) > 1:
             raise GuidedSpecError("set only one of response_format, structured_outputs and the guided_* fields, "
                                   f"got {', '.join(f.param.split('.')[0] for f in found)}", found[1].param)
+        if wp is not None and not found:
+            raise GuidedSpecError("guided_whitespace_pattern needs a JSON constraint (response_format, guided_json "
+                                  "or structured_outputs)", "guided_whitespace_pattern")
         return found[0] if found else None
 
     @property

@@ -178,7 +178,8 @@ class Serving:
 
             self._guided_classes = backend_classes()
         try:
-            return choose_backend(so.spec, so.backend or self.structured_output_backend, self._guided_classes)
+            return choose_backend(so.spec, so.backend or self.structured_output_backend, self._guided_classes,
+                                  not so.disable_fallback)
         except GuidedSpecError as exc:
             raise bad_request(str(exc), exc.param) from None
 

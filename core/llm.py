@@ -57,7 +57,7 @@ class LLM:
                 text, ids = self._tokenize(prompt)
                 so = getattr(p, "structured_outputs", None)
                 if so is not None:  # a bad spec raises here, naming its field (the engine checks off its loop)
-                    self.engine.guided.compiler.resolve(so.spec, so.backend)
+                    self.engine.guided.compiler.resolve(so.spec, so.backend, not so.disable_fallback)
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, ids, p, cache_salt=cache_salt)
                 self.processor.add(rid, text, ids, p)

@@ -183,6 +183,16 @@ def test_response_format_text_is_unconstrained(client):
     (dict(extra_body={"guided_regex": "a", "guided_decoding_backend": "guidance"}), "guided_decoding_backend"),
     (dict(extra_body={"guided_regex": "a", "guided_json": {"type": "object"}}), "guided_regex"),
     (dict(extra_body={"guided_regex": "a", "guided_whitespace_pattern": " *"}), "guided_whitespace_pattern"),
+    (dict(extra_body={"guided_whitespace_pattern": " *"}), "guided_whitespace_pattern"),
+    (dict(extra_body={"guided_json": SCHEMA, "guided_whitespace_pattern": " *", "guided_decoding_backend": "xgrammar"}),
+     "guided_whitespace_pattern"),
+    (dict(extra_body={"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " ", "backend": "xgrammar"}}),
+     "structured_outputs.whitespace_pattern"),
+    (dict(extra_body={"structured_outputs": {"json": SCHEMA, "whitespace_pattern": "("}}),
+     "structured_outputs.whitespace_pattern"),
+    (dict(extra_body={"structured_outputs": {"regex": "a", "disable_additional_properties": True}}),
+     "structured_outputs.disable_additional_properties"),
+    (dict(extra_body={"structured_outputs": {"regex": r"\p{L}+", "disable_fallback": True}}), "structured_outputs.regex"),
 ])
 def test_invalid_specs_are_400_naming_the_parameter(client, kw, param):
     with pytest.raises(openai.BadRequestError) as info:
@@ -192,3 +202,35 @@ def test_invalid_specs_are_400_naming_the_parameter(client, kw, param):
     # and the server keeps serving
     ((text, _),) = _chat(client, extra_body={"guided_choice": ["ok"]})
     assert text == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_structured_outputs_options(client, stream):
+    # whitespace_pattern: every whitespace is one newline (auto goes to outlines: xgrammar cannot)
+    for body in ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": r"\n"}},
+                 {"guided_json": SCHEMA, "guided_whitespace_pattern": r"\n"}):
+        for text, finish in _chat(client, stream=stream, n=2, extra_body=body):
+            assert finish == "stop", text
+            _valid_json(text)
+            assert " " not in text and text.replace("\n", "") == json.dumps(json.loads(text), separators=(",", ":"))
+    # disable_additional_properties: an object schema that lists no properties holds none, on both backends
+    schema = {"type": "object", "properties": {"meta": {"type": "object"}, "ok": {"type": "boolean"}},
+              "required": ["meta", "ok"]}
+    for backend in ("xgrammar", "outlines"):
+        body = {"structured_outputs": {"json": schema, "backend": backend, "disable_any_whitespace": True,
+                                       "disable_additional_properties": True}}
+        for text, finish in _chat(client, stream=stream, n=2, extra_body=body, seed=11):
+            assert finish == "stop" and json.loads(text)["meta"] == {}, text
+    # disable_fallback where xgrammar compiles the spec: served as usual (a null option means its default)
+    body = {"structured_outputs": {"regex": REGEX, "disable_fallback": True, "disable_any_whitespace": None}}
+    for text, _ in _chat(client, stream=stream, extra_body=body):
+        assert re.fullmatch(REGEX, text), text
+
+
+def test_disable_fallback_error_names_the_field(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, extra_body={"structured_outputs": {"regex": r"\p{L}+", "disable_fallback": True}})
+    assert "structured_outputs.disable_fallback is set" in info.value.body["message"], info.value.body
+    ((text, _),) = _chat(client, extra_body={"structured_outputs": {"regex": r"\p{L}{1,4}"}}, temperature=0)
+    assert 1 <= len(text) <= 4 and text.isalpha(), text  # without the flag auto falls back to outlines
+

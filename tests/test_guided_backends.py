@@ -231,3 +231,96 @@ def test_runtime_mask_fills_constrained_rows_in_one_batch(compiler, vocab, monke
     allowed = [set(torch.isfinite(out[r]).nonzero().flatten().tolist()) for r in range(5)]
     assert allowed[0] == allowed[1] and allowed[2] == allowed[4] and len(allowed[3]) == vocab.vocab_size
     assert all(tok.decode([t]).isdigit() for t in allowed[0]) and all(tok.decode([t]).isalpha() for t in allowed[2])
+
+
+#: A schema with no free strings: every whitespace in its output is between tokens.
+NO_STRINGS = {"type": "object", "properties": {"s": {"enum": ["on", "off"]}, "n": {"type": "integer"},
+                                               "b": {"type": "boolean"}}, "required": ["s", "n", "b"]}
+
+
+def test_whitespace_pattern_through_outlines_and_refused_by_xgrammar(compiler, vocab):
+    # exactly one newline wherever the JSON may hold whitespace: outlines-core's default ("[ ]?") never writes one
+    so = StructuredOutputsParams(json=NO_STRINGS, whitespace_pattern=r"\n")
+    classes = backend_classes()
+    assert choose_backend(so.spec, "auto", classes) == "outlines"  # xgrammar cannot: auto falls back
+    grammar = compiler.compile(so.spec)
+    assert grammar.backend == "outlines"
+    for seed in range(3):
+        text, _ = walk(grammar.matcher(), vocab, seed)
+        value = json.loads(text)
+        jsonschema.validate(value, NO_STRINGS)
+        assert " " not in text and text.replace("\n", "") == json.dumps(value, separators=(",", ":")), text
+        assert text.count("\n") == 12, text  # after "{", around each ":", after each ",", before "}"
+    with pytest.raises(GuidedSpecError, match="xgrammar backend does not support structured_outputs.whitespace_") as e:
+        choose_backend(so.spec, "xgrammar", classes)
+    assert e.value.param == "structured_outputs.whitespace_pattern"
+    with pytest.raises(GuidedSpecError, match="disable_fallback is set, so auto does not fall back to outlines") as e:
+        compiler.compile(so.spec, "auto", fallback=False)
+    assert e.value.param == "structured_outputs.whitespace_pattern"
+    # the older alias names itself
+    alias = StructuredOutputsParams(json=NO_STRINGS, whitespace_pattern=" ", param="guided_json")
+    with pytest.raises(GuidedSpecError) as e:
+        choose_backend(alias.spec, "xgrammar", classes)
+    assert e.value.param == "guided_whitespace_pattern"
+    # json_object takes the pattern too
+    obj = StructuredOutputsParams(json_object=True, whitespace_pattern=r"\t")
+    m = compiler.compile(obj.spec, "outlines").matcher()
+    assert all(m.accept_token(t) for t in vocab.tokenizer.encode('{\t"a"\t:\t1\t}', add_special_tokens=False))
+    m = compiler.compile(obj.spec, "outlines").matcher()
+    assert not all(m.accept_token(t) for t in vocab.tokenizer.encode('{ "a": 1}', add_special_tokens=False))
+
+
+@pytest.mark.parametrize("fields,param,match", [
+    (dict(regex="a+", whitespace_pattern=" "), "structured_outputs.whitespace_pattern", "only to json"),
+    (dict(json=NO_STRINGS, whitespace_pattern="x" * 300), "structured_outputs.whitespace_pattern", "at most 256"),
+    (dict(json=NO_STRINGS, whitespace_pattern="(", backend="outlines"), "structured_outputs.whitespace_pattern",
+     "invalid"),
+    (dict(json=NO_STRINGS, whitespace_pattern=" ", disable_any_whitespace=True),
+     "structured_outputs.whitespace_pattern", "contradict"),
+    (dict(choice=["a"], disable_additional_properties=True), "structured_outputs.disable_additional_properties",
+     "only to json"),
+    (dict(regex="a", disable_fallback="yes"), "structured_outputs.disable_fallback", "boolean"),
+])
+def test_bad_structured_outputs_options_name_the_field(fields, param, match):
+    with pytest.raises(GuidedSpecError, match=match) as info:
+        p = StructuredOutputsParams(**fields)
+        choose_backend(p.spec, p.backend or "auto", backend_classes())
+    assert info.value.param == param
+
+
+def test_disable_fallback_keeps_auto_on_xgrammar(compiler):
+    classes = backend_classes()
+    spec = StructuredOutputsParams(regex=r"\p{L}+").spec  # xgrammar cannot; outlines-core can
+    assert choose_backend(spec, "auto", classes) == "outlines"
+    with pytest.raises(GuidedSpecError, match=r"invalid structured_outputs\.regex.*disable_fallback is set") as e:
+        choose_backend(spec, "auto", classes, fallback=False)
+    assert e.value.param == "structured_outputs.regex"
+    with pytest.raises(GuidedSpecError, match="disable_fallback"):
+        compiler.compile(spec, "auto", fallback=False)
+    assert compiler.compile(spec, "auto").backend == "outlines"  # the failed no-fallback compile is not cached for it
+    assert choose_backend(spec, "outlines", classes, fallback=False) == "outlines"  # a named backend never falls back
+    assert choose_backend(StructuredOutputsParams(regex="[a-z]+").spec, "auto", classes, fallback=False) == "xgrammar"
+
+
+def test_disable_additional_properties_closes_objects_on_both_backends(compiler, vocab):
+    schema = {"type": "object", "properties": {"o": {"type": "object"}}, "required": ["o"]}
+    tok = vocab.tokenizer
+
+    def accepts(spec, backend, text):
+        m = compiler.compile(spec, backend).matcher()
+        return all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False)) \
+            and m.accept_token(vocab.eos_token_ids[0])
+
+    open_ = StructuredOutputsParams(json=schema).spec
+    closed = StructuredOutputsParams(json=schema, disable_additional_properties=True).spec
+    assert closed.key != open_.key
+    # both libraries let an object schema that lists no properties hold any (xgrammar's strict mode closes
+    # only objects that list some); the flag closes it
+    for backend in ("xgrammar", "outlines"):
+        assert accepts(open_, backend, '{"o": {"x": 1}}') and accepts(open_, backend, '{"o": {}}')
+        assert not accepts(closed, backend, '{"o": {"x": 1}}') and accepts(closed, backend, '{"o": {}}')
+    # an object that says what else it allows keeps it
+    free = {"type": "object", "properties": {"o": {"type": "object", "additionalProperties": {"type": "integer"}}},
+            "required": ["o"]}
+    kept = StructuredOutputsParams(json=free, disable_additional_properties=True).spec
+    assert accepts(kept, "xgrammar", '{"o": {"x": 1}}') and not accepts(kept, "xgrammar", '{"o": {"x": "a"}}')

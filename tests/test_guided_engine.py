@@ -171,6 +171,10 @@ def test_compilation_does_not_block_other_requests(llm):
     (dict(json={"type": "string", "pattern": "^a+$", "maxLength": 3}), "structured_outputs.json", "cannot enforce"),
     # outlines-core would drop an open integer bound (a closed range it gets as an enum)
     (dict(json={"type": "integer", "minimum": 5}, backend="outlines"), "structured_outputs.json", "cannot enforce minimum"),
+    # xgrammar cannot compile it and disable_fallback keeps auto from going to outlines
+    (dict(regex=r"\p{L}+", disable_fallback=True), "structured_outputs.regex", "disable_fallback is set"),
+    (dict(json=FIXED, whitespace_pattern=" ", backend="xgrammar"), "structured_outputs.whitespace_pattern",
+     "xgrammar backend does not support"),
 ])
 def test_invalid_specs_raise_naming_the_field(llm, fields, param, match):
     with pytest.raises(GuidedSpecError, match=match) as info:
@@ -178,6 +182,30 @@ def test_invalid_specs_raise_naming_the_field(llm, fields, param, match):
     assert info.value.param == param
     assert not llm.engine.has_unfinished()
     assert llm.generate(PROMPT, SamplingParams(max_tokens=3))[0].outputs[0].text is not None  # still serving
+
+
+def test_whitespace_pattern_and_closed_objects_shape_the_output(llm):
+    # every whitespace exactly one newline (auto falls back to outlines: xgrammar cannot), greedy and n=2
+    p = [_params(dict(json=FIXED, whitespace_pattern=r"\n"), temperature=0),
+         _params(dict(json=FIXED, whitespace_pattern=r"\n"), temperature=1.0, n=2, seed=5)]
+    outs = llm.generate([PROMPT, PROMPT], p)
+    for c in [c for o in outs for c in o.outputs]:
+        assert c.finish_reason == "stop", c.text
+        value = json.loads(c.text)
+        jsonschema.validate(value, FIXED)
+        assert " " not in c.text and c.text.replace("\n", "") == json.dumps(value, separators=(",", ":")), c.text
+    # an object schema listing no properties holds nothing with disable_additional_properties, on both backends
+    schema = {"type": "object", "properties": {"meta": {"type": "object"}, "ok": {"type": "boolean"}},
+              "required": ["meta", "ok"]}
+    for backend in ("xgrammar", "outlines"):
+        fields = dict(json=schema, disable_any_whitespace=True, disable_additional_properties=True)
+        outs = llm.generate(PROMPT, _params(fields, backend, temperature=1.0, n=3, seed=11))
+        for c in outs[0].outputs:
+            assert c.finish_reason == "stop", c.text
+            assert json.loads(c.text)["meta"] == {}, c.text
+    # disable_fallback changes nothing where xgrammar compiles the spec
+    out = llm.generate(PROMPT, _params(dict(regex=REGEX, disable_fallback=True), temperature=0))[0].outputs[0]
+    assert re.fullmatch(REGEX, out.text), out.text
 
 
 @pytest.mark.parametrize("backend", ["xgrammar", "outlines"])

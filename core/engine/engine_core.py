@@ -196,7 +196,7 @@ class EngineCore:
         seq.pending_forks = params.n - 1
         so = getattr(params, "structured_outputs", None)
         # validating and compiling happen off this thread; a spec that fails rejects the request
-        handle = self.guided.compiler.submit(so.spec, so.backend) if so is not None else None
+        handle = self.guided.compiler.submit(so.spec, so.backend, not so.disable_fallback) if so is not None else None
         if handle is not None and handle.ready and handle.error is not None:
             raise handle.future.exception()
         self._seqs[request_id] = [seq]

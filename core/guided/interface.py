@@ -40,6 +40,8 @@ from typing import Any, ClassVar, Sequence
 KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 #: Tokens a matcher must be able to roll back (jump-forward retokenizes a few at the boundary).
 MAX_ROLLBACK = 16
+#: Longest ``whitespace_pattern`` accepted (it is compiled into every whitespace of the schema's regex).
+MAX_PATTERN = 256
 
 
 class GuidedSpecError(ValueError):
@@ -62,12 +64,15 @@ class GuidedSpec:
       ...}``) or vLLM's older ``{"structures": [{"begin", "schema", "end"}], "triggers": [...]}``.
 
     ``any_whitespace``: JSON kinds may put any whitespace between tokens (False: compact
-    separators, fewer tokens). ``param`` is where the spec came from, for error messages.
+    separators, fewer tokens). ``whitespace_pattern``: for JSON kinds, the regex that every
+    whitespace between tokens must match instead (vLLM's field; outlines-core builds it into the
+    schema's regex, xgrammar refuses it). ``param`` is where the spec came from, for error messages.
     """
 
     kind: str
     value: str = ""
     any_whitespace: bool = True
+    whitespace_pattern: str | None = None
     param: str = field(default="structured_outputs", compare=False)
 
     def __post_init__(self):
@@ -76,16 +81,33 @@ class GuidedSpec:
                                   self.param)
         if not isinstance(self.value, str):
             raise GuidedSpecError(f"{self.kind} must be a string, got {type(self.value).__name__}", self.param)
+        if self.whitespace_pattern is not None:
+            wp = self.whitespace_param
+            if self.kind not in ("json", "json_object"):
+                raise GuidedSpecError(f"{wp} applies only to json and json_object constraints, not {self.kind}", wp)
+            if not isinstance(self.whitespace_pattern, str) or not 0 < len(self.whitespace_pattern) <= MAX_PATTERN:
+                raise GuidedSpecError(f"{wp} must be a non-empty string of at most {MAX_PATTERN} characters", wp)
+            if not self.any_whitespace:
+                raise GuidedSpecError(f"{wp} and disable_any_whitespace contradict each other; set one", wp)
 
     @property
     def key(self) -> tuple:
         """The compile-cache key."""
-        return self.kind, self.value, self.any_whitespace
+        return self.kind, self.value, self.any_whitespace, self.whitespace_pattern
+
+    @property
+    def whitespace_param(self) -> str:
+        """The request field ``whitespace_pattern`` came from (vLLM's older alias outside ``structured_outputs``)."""
+        return "structured_outputs.whitespace_pattern" if self.param.startswith("structured_outputs") \
+            else "guided_whitespace_pattern"
 
     # -- constructors normalising user input --------------------------------------------------
     @classmethod
-    def json_schema(cls, schema: Any, param: str = "structured_outputs.json", **kw) -> "GuidedSpec":
-        """From a schema given as a dict, a JSON string or a pydantic model class."""
+    def json_schema(cls, schema: Any, param: str = "structured_outputs.json", close_objects: bool = False,
+                    **kw) -> "GuidedSpec":
+        """From a schema given as a dict, a JSON string or a pydantic model class. ``close_objects``:
+        every object subschema that does not say otherwise gets ``additionalProperties: false``
+        (vLLM's ``disable_additional_properties``; see :func:`closed_objects`)."""
         if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
             schema = schema.model_json_schema()
         if isinstance(schema, str):
@@ -95,6 +117,8 @@ class GuidedSpec:
                 raise GuidedSpecError(f"{param} is not valid JSON: {exc}", param) from None
         if not isinstance(schema, (dict, bool)):
             raise GuidedSpecError(f"{param} must be a JSON schema object, got {type(schema).__name__}", param)
+        if close_objects:
+            schema = closed_objects(schema)
         return cls("json", _canonical(schema), param=param, **kw)
 
     @classmethod
@@ -136,6 +160,22 @@ def schema_nodes(schema: Any):
         for key in ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf", "allOf", "not", "contains"):
             if key in node:
                 stack.append(node[key])
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of ``schema`` in which every object subschema without ``additionalProperties`` (or
+    ``patternProperties`` / ``unevaluatedProperties``) allows only the properties it lists:
+    ``additionalProperties: false``, plus an empty ``properties`` where it lists none (the form
+    outlines-core understands). Both libraries already keep an object that lists properties to
+    those (xgrammar in strict mode), but let one that lists none hold any."""
+    schema = json.loads(json.dumps(schema))
+    for node in schema_nodes(schema):
+        is_object = node.get("type") == "object" or (isinstance(node.get("type"), list) and "object" in node["type"]) \
+            or "properties" in node
+        if is_object and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & set(node):
+            node.setdefault("properties", {})
+            node["additionalProperties"] = False
+    return schema
 
 
 def _canonical(obj: Any) -> str:

@@ -33,9 +33,9 @@ def backend_classes(plugin_manager=None) -> dict[str, type[GuidedBackend]]:
     return {cls.name: cls for cls in pm.guided_decoding_backends()}
 
 
-#: (backend class, spec key, param) -> None (valid) or the error message: validating a complex spec can
-#: take long (outlines-core builds an index), and every request with that spec asks again.
-_VALIDATED: OrderedDict[tuple, str | None] = OrderedDict()
+#: (backend class, spec key, param) -> None (valid) or the error (message, param): validating a complex
+#: spec can take long (outlines-core builds an index), and every request with that spec asks again.
+_VALIDATED: OrderedDict[tuple, tuple[str, str | None] | None] = OrderedDict()
 _VALIDATED_SIZE = 1024
 _validated_lock = threading.Lock()
 
@@ -52,19 +52,21 @@ def _validate(cls: type[GuidedBackend], spec: GuidedSpec) -> None:
             cls.validate(spec)
             error = None
         except GuidedSpecError as exc:
-            error = str(exc)
+            error = (str(exc), exc.param)
         with _validated_lock:
             _VALIDATED[key] = error
             while len(_VALIDATED) > _VALIDATED_SIZE:
                 _VALIDATED.popitem(last=False)
     if error is not None:
-        raise GuidedSpecError(error, spec.param)
+        raise GuidedSpecError(*error)
 
 
-def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[GuidedBackend]]) -> str:
+def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[GuidedBackend]],
+                   fallback: bool = True) -> str:
     """The backend that will compile ``spec``; raises :class:`GuidedSpecError` naming the parameter.
 
-    ``requested`` is ``auto`` or a backend name. Validation only parses the spec (cheap, no
+    ``requested`` is ``auto`` or a backend name. ``fallback=False`` (vLLM's ``disable_fallback``):
+    ``auto`` tries only its first available backend. Validation only parses the spec (cheap, no
     tokenizer), so the API process runs this too and answers a bad spec with a 400.
     """
     if requested != "auto":
@@ -88,6 +90,10 @@ def choose_backend(spec: GuidedSpec, requested: str, classes: dict[str, type[Gui
             _validate(cls, spec)
             return name
         except GuidedSpecError as exc:
+            if not fallback:
+                rest = [n for n in order if n != name and not classes[n].available()]
+                raise GuidedSpecError(f"{exc} (structured_outputs.disable_fallback is set, so auto does not fall back to "
+                                      f"{' or '.join(rest) or 'another backend'})", exc.param) from None
             first_error = first_error or exc
     if first_error is not None:
         raise first_error
@@ -150,35 +156,36 @@ class GuidedCompiler:
         set-up the step loop would otherwise do on first use)."""
         self._pool.submit(fn)
 
-    def resolve(self, spec: GuidedSpec, backend: str | None = None) -> str:
+    def resolve(self, spec: GuidedSpec, backend: str | None = None, fallback: bool = True) -> str:
         """The backend that will compile ``spec``; raises :class:`GuidedSpecError` naming the parameter.
         Validation parses the spec (outlines-core builds an index), so callers on the step loop leave
         it to :meth:`submit`; the API process and ``LLM`` call this first to fail fast."""
-        return choose_backend(spec, backend or self.default_backend, self.classes)
+        return choose_backend(spec, backend or self.default_backend, self.classes, fallback)
 
-    def submit(self, spec: GuidedSpec, backend: str | None = None) -> GrammarHandle:
+    def submit(self, spec: GuidedSpec, backend: str | None = None, fallback: bool = True) -> GrammarHandle:
         """Start validating and compiling ``spec`` on the worker thread (or find it cached); never
-        blocks. A bad spec fails the handle (``handle.error``) with the :class:`GuidedSpecError`."""
+        blocks. A bad spec fails the handle (``handle.error``) with the :class:`GuidedSpecError`.
+        ``fallback``: see :func:`choose_backend`."""
         requested = backend or self.default_backend
-        key = (requested, spec.key)
+        key = (requested, fallback or requested != "auto", spec.key)
         with self._lock:
             fut = self._cache.get(key)
             if fut is not None and not (fut.done() and fut.exception() is not None):
                 self._cache.move_to_end(key)
                 self.num_cache_hits += 1
                 return GrammarHandle(fut, requested, spec)
-            fut = self._pool.submit(self._compile, requested, spec)
+            fut = self._pool.submit(self._compile, requested, spec, fallback)
             self._cache[key] = fut
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return GrammarHandle(fut, requested, spec)
 
-    def compile(self, spec: GuidedSpec, backend: str | None = None) -> CompiledGrammar:
+    def compile(self, spec: GuidedSpec, backend: str | None = None, fallback: bool = True) -> CompiledGrammar:
         """Blocking :meth:`submit` (offline tools, tests, benchmarks)."""
-        return self.submit(spec, backend).future.result()
+        return self.submit(spec, backend, fallback).future.result()
 
-    def _compile(self, requested: str, spec: GuidedSpec) -> CompiledGrammar:
-        name = self.resolve(spec, requested)
+    def _compile(self, requested: str, spec: GuidedSpec, fallback: bool) -> CompiledGrammar:
+        name = self.resolve(spec, requested, fallback)
         t0 = time.perf_counter()
         grammar = self.backend(name).compile(spec)
         dt = time.perf_counter() - t0

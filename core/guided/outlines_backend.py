@@ -63,15 +63,17 @@ def spec_regex(spec: GuidedSpec) -> str:
     """The regex outlines-core indexes for ``spec``. Raises ValueError for bad schemas."""
     from outlines_core.json_schema import build_regex_from_schema
 
-    ws = None if spec.any_whitespace else ""
+    ws = spec.whitespace_pattern if spec.any_whitespace else ""
     if spec.kind == "json":
         value = json.dumps(with_integer_ranges(spec.loads()))
-        return build_regex_from_schema(value, ws) if ws is not None else build_regex_from_schema(value)
-    if spec.kind == "json_object":
+    elif spec.kind == "json_object":
         # outlines-core's regex for a free object nests two levels and takes ~20 s to index over
         # a 4k vocabulary; an object of scalar values indexes in well under a second
-        return build_regex_from_schema('{"type": "object", "additionalProperties": '
-                                       '{"type": ["string", "number", "boolean", "null"]}}')
+        value = '{"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}}'
+    else:
+        value = None
+    if value is not None:
+        return build_regex_from_schema(value, ws) if ws is not None else build_regex_from_schema(value)
     if spec.kind == "regex":
         return spec.value
     if spec.kind == "choice":
@@ -218,6 +220,11 @@ class OutlinesBackend(GuidedBackend):
             if missing:
                 raise GuidedSpecError(f"the outlines backend cannot enforce {', '.join(sorted(missing))} in "
                                       f"{spec.param} (xgrammar can)", spec.param)
+        if spec.whitespace_pattern is not None:
+            try:
+                oc.Index(f"({spec.whitespace_pattern})", _byte_vocabulary())
+            except Exception as exc:
+                raise GuidedSpecError(f"invalid {spec.whitespace_param}: {exc}", spec.whitespace_param) from None
         try:
             oc.Index(spec_regex(spec), _byte_vocabulary())
         except GuidedSpecError:

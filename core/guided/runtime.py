@@ -76,7 +76,7 @@ class GuidedRuntime:
         if old is not None:
             return old
         so = params.structured_outputs
-        handle = self.compiler.submit(so.spec, so.backend)
+        handle = self.compiler.submit(so.spec, so.backend, not so.disable_fallback)
         m = handle.grammar.matcher()  # the engine admits a sequence only once its grammar is ready
         for i, t in enumerate(output_token_ids):
             if not m.accept_token(t):

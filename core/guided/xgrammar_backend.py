@@ -145,6 +145,10 @@ class XGrammarBackend(GuidedBackend):
     @classmethod
     def validate(cls, spec: GuidedSpec) -> None:
         super().validate(spec)
+        if spec.whitespace_pattern is not None:
+            # xgrammar's JSON grammar knows only "any whitespace" (bounded) or compact separators
+            raise GuidedSpecError(f"the xgrammar backend does not support {spec.whitespace_param} (outlines does; "
+                                  f"xgrammar offers disable_any_whitespace)", spec.whitespace_param)
         if spec.kind == "json" and any("pattern" in n and ("minLength" in n or "maxLength" in n)
                                        for n in schema_nodes(spec.loads())):
             # xgrammar 0.2 drops the length bounds of a string with a pattern (with a warning)
