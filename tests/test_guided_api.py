@@ -1,12 +1,14 @@
 """Structured output over HTTP with the openai SDK: response_format (text / json_object /
 json_schema), vLLM's structured_outputs and guided_* fields, both backends, streaming and not,
-n > 1, and 400s naming the parameter for invalid specs (the server keeps serving)."""
+n > 1, chunked prefill and forced preemption, and 400s naming the parameter for invalid specs
+(the server keeps serving)."""
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from api_conftest import SMALL_ENGINE, running_server
+from api_conftest import SMALL_ENGINE, metrics, running_server
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -14,28 +16,45 @@ jsonschema = pytest.importorskip("jsonschema")
 SCHEMA = {"type": "object", "properties": {
     "color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer"},
     "ok": {"type": "boolean"}}, "required": ["color", "n", "ok"], "additionalProperties": False}
+#: Six fixed keys: ~45 tokens of output, three blocks per sequence.
+FIXED = {"type": "object", "properties": {
+    "status": {"enum": ["active", "inactive", "banned"]}, "level": {"type": "integer", "minimum": 0, "maximum": 9},
+    "region": {"enum": ["north", "south"]}, "tier": {"enum": ["gold", "silver", "bronze"]},
+    "score": {"type": "integer", "minimum": 0, "maximum": 99}, "verified": {"type": "boolean"}},
+    "required": ["status", "level", "region", "tier", "score", "verified"], "additionalProperties": False}
 REGEX = r"(ab|c)[0-9]{2,4}-[xyz]"
 EBNF = 'root ::= "x" digit digit "!"\ndigit ::= [0-9]'
 # json_object may go on forever with a tiny model; compact JSON keeps the other JSON cases short
 MESSAGES = [{"role": "user", "content": "Give me a record."}]
 
 
+#: KV blocks of the test server: 12 x 16 tokens holds two or three constrained sequences of FIXED with a
+#: 50-token prompt, so six concurrent requests with n=2 run the pool dry and sequences are preempted
+NUM_KV_BLOCKS = 12
+
+
 @pytest.fixture(scope="module")
-def client():
+def server():
     # a small token budget so prompts are prefilled in chunks
-    with running_server([*SMALL_ENGINE, "--max-num-batched-tokens", "16"]) as server:
-        yield openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+    with running_server([*SMALL_ENGINE, "--max-num-batched-tokens", "16", "--num-kv-blocks",
+                         str(NUM_KV_BLOCKS)]) as server:
+        yield server
 
 
-def _chat(client, stream=False, **kw):
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+
+
+def _chat(client, stream=False, messages=MESSAGES, **kw):
     kw.setdefault("max_tokens", 80)
     kw.setdefault("temperature", 1.0)
     kw.setdefault("seed", 1)
     if not stream:
-        resp = client.chat.completions.create(model="tokenmill-default", messages=MESSAGES, **kw)
+        resp = client.chat.completions.create(model="tokenmill-default", messages=messages, **kw)
         return [(c.message.content, c.finish_reason) for c in sorted(resp.choices, key=lambda c: c.index)]
     texts, finish = {}, {}
-    for chunk in client.chat.completions.create(model="tokenmill-default", messages=MESSAGES, stream=True, **kw):
+    for chunk in client.chat.completions.create(model="tokenmill-default", messages=messages, stream=True, **kw):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
             if c.finish_reason:
@@ -234,3 +253,28 @@ def test_disable_fallback_error_names_the_field(client):
     ((text, _),) = _chat(client, extra_body={"structured_outputs": {"regex": r"\p{L}{1,4}"}}, temperature=0)
     assert 1 <= len(text) <= 4 and text.isalpha(), text  # without the flag auto falls back to outlines
 
+
+def _preemptions(server) -> float:
+    return metrics(server.url).get("tokenmill:num_preemptions_total", 0.0)
+
+
+def test_preemption_keeps_concurrent_constrained_outputs_valid(server, client):
+    """Twelve constrained sequences at once (json schema on both backends, n=2, streamed and not; distinct
+    50-token prompts, prefilled in chunks) in a pool that holds two or three: sequences are preempted and
+    recomputed, and every output still validates (the matcher follows the recomputed sequence)."""
+    before = _preemptions(server)
+    ask = ("a customer account with a status, a level, a region, a tier, a score and whether it was verified. "
+           "Write it as JSON.")
+    jobs = [dict(stream=i % 2 == 1, n=2, seed=i, max_tokens=100,
+                 messages=[{"role": "user", "content": f"Record {i} of the catalogue: {ask}"}],
+                 extra_body={"structured_outputs": {"json": FIXED, "disable_any_whitespace": True,
+                                                    "backend": ("xgrammar", "outlines")[i % 3 == 0]}})
+            for i in range(6)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda kw: _chat(client, **kw), jobs))
+    assert _preemptions(server) > before, "the small KV pool was meant to force preemption"
+    for outs in results:
+        assert len(outs) == 2
+        for text, finish in outs:
+            assert finish == "stop", text
+            jsonschema.validate(json.loads(text), FIXED)
