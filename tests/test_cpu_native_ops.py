@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill.attention.reference import gqa_attention
 from tokenmill.ops import reference
 from tokenmill_cpu import native, native_ops, ops
 
@@ -56,3 +57,45 @@ def test_shapes_the_kernels_do_not_take_fall_back_to_torch():
     want = reference.rotary_embedding(torch.arange(3), q, k, partial, 64, True)
     torch.testing.assert_close(got[0], want[0])
     assert native_ops.fused_add_rms_norm(lib, torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(8), 1e-6) is None
+
+
+def _paged_case(seqs, lens, heads, kv_heads, head, bs, dtype, gen):
+    """A shuffled paged cache holding ``lens`` keys per sequence, and the same keys contiguous."""
+    nbs = [-(-n // bs) for n in lens]
+    perm = torch.randperm(sum(nbs) + 3, generator=gen)  # pages out of order, some unused
+    k_cache = torch.randn(perm.numel(), bs, kv_heads, head, generator=gen).to(dtype)
+    v_cache = torch.randn(perm.numel(), bs, kv_heads, head, generator=gen).to(dtype)
+    tables = torch.zeros(seqs, max(nbs), dtype=torch.int32)
+    used = 0
+    for s, nb in enumerate(nbs):
+        tables[s, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    q = torch.randn(seqs, heads, head, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head", [(8, 8, 64), (8, 4, 64), (6, 2, 64), (8, 2, 128), (8, 1, 32),
+                                                 (4, 2, 80)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_decode_attention_matches_reference(heads, kv_heads, head, window, dtype):
+    """Both code paths of the decode kernel: AVX-512 (head size a multiple of 16, 1/2/4/8 query heads
+    per KV head, where the CPU has it) and the generic loops (3 per KV head, head size 80)."""
+    gen = torch.Generator().manual_seed(heads * 1000 + kv_heads * 10 + head + window)
+    lens, bs = [1, 17, 40, 5, 33], 16
+    q, k_cache, v_cache, tables = _paged_case(len(lens), lens, heads, kv_heads, head, bs, dtype, gen)
+    out = torch.full_like(q, float("nan"))
+    rows = torch.tensor([4, 0, 2, 1, 3])  # decode rows in any order
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    for threads in (1, 2):
+        native.paged_decode(q, k_cache, v_cache, tables, seq_lens, rows, out, head ** -0.5, window or None, threads)
+        for s, n in enumerate(lens):
+            pages = tables[s, :-(-n // bs)].to(torch.long)
+            k = k_cache[pages].reshape(-1, kv_heads, head)[:n].float()
+            v = v_cache[pages].reshape(-1, kv_heads, head)[:n].float()
+            lo = max(0, n - window) if window else 0
+            mask = torch.zeros(1, 1, n, dtype=torch.bool)
+            mask[..., lo:] = True
+            want = gqa_attention(q[rows[s], None, None].float(), k[None], v[None], mask, head ** -0.5)[0, 0]
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(out[rows[s]], want.to(dtype), **tol)
