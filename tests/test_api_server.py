@@ -444,7 +444,7 @@ def test_bench_serve_counts_error_responses_as_failed(server):
     from tokenmill.bench.serve import _level
 
     body = {"model": "no-such-model", "prompt": "hi", "max_tokens": 3, "stream": True}
-    r = asyncio.run(_level(server.url, {}, [body] * 3, body, concurrency=2, timeout=60))
+    r = asyncio.run(_level(server.url, {}, [body] * 3, [body], concurrency=2, timeout=60))
     assert r["requests"] == 3 and r["failed"] == 3 and r["output_tokens"] == 0
     assert r["errors"] and r["errors"][0].startswith("HTTP 404") and "no-such-model" in r["errors"][0]
 
@@ -483,7 +483,7 @@ def test_bench_serve_prompt_lens_side_by_side(server, model_dir, tmp_path):
         assert [(c["prompt_len"], c["concurrency"]) for c in cases] == [(16, 1), (16, 2), (40, 1), (40, 2)]
         assert all(c["failed"] == 0 and c["output_tokens"] == 3 * 4 for c in cases)
         (cache,) = res["prefix_cache"][eng]
-        assert cache["hit_tokens"] == 0 and cache["queried_tokens"] >= 4 * 4 * (16 + 40) // 2
+        assert cache["hit_tokens"] == 0 and cache["queried_tokens"] == (1 + 3 + 2 + 3) * (16 + 40)  # warm-ups + requests
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

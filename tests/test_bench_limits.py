@@ -38,3 +38,6 @@ def test_gemm_rate_is_measured_through_the_platforms_float_linear():
     shapes = ModelShapes(((64, 64),), 1, (64, 128), 1, 8)
     assert gemm_gflops(shapes, rows=16, seconds=0.05) > 0
     assert gemm_gflops(shapes, rows=16, seconds=0.05, method=CpuPackedLinearMethod("none", None, None)) > 0
+    assert gemm_gflops(shapes, rows=16, seconds=0.02, windows=3) > 0
+    with pytest.raises(ValueError, match="windows"):
+        gemm_gflops(shapes, rows=16, windows=0)

@@ -55,10 +55,10 @@ def test_prompts_have_the_exact_length_and_never_share_a_start():
     src = PromptSource(ids, bos=1, stride=7)
     cases = build_cases(src, [16, 64, 200], [1, 4], 5)
     assert [(c["prompt_len"], c["concurrency"]) for c in cases] == [(16, 1), (16, 4), (64, 1), (64, 4), (200, 1), (200, 4)]
-    prompts = [p for c in cases for p in (c["warm"], *c["prompts"])]
-    assert len(prompts) == 6 * 6
+    prompts = [p for c in cases for p in (*c["warm"], *c["prompts"])]
+    assert [len(c["warm"]) for c in cases] == [1, 4] * 3 and len(prompts) == 3 * (1 + 4) + 6 * 5
     for c in cases:
-        assert all(len(p) == c["prompt_len"] and p[0] == 1 for p in (c["warm"], *c["prompts"]))
+        assert all(len(p) == c["prompt_len"] and p[0] == 1 for p in (*c["warm"], *c["prompts"]))
         assert all(p[1:] == ids[p[1] - 10:p[1] - 10 + len(p) - 1] for p in c["prompts"])  # windows of the corpus
     assert len({tuple(p[:KEY_TOKENS]) for p in prompts}) == len(prompts)
 

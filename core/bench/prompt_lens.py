@@ -3,7 +3,7 @@
 Prompts of exactly N tokens of the model's own tokenizer are cut from a fixed English text
 (:func:`tokenmill.bench.workload.corpus_ids`) at successive offsets and sent as token ids, so
 every engine gets the same tokens and no re-tokenization changes a length. Every request of a
-run, warm-ups included, has its own prompt, and no two prompts share their first
+run, the untimed warm-ups before each case included, has its own prompt, and no two prompts share their first
 :data:`KEY_TOKENS` tokens: the prefix cache (on by default in tokenmill and in vLLM) can then
 never serve one request's blocks from another's, and the servers' own prefix-cache hit counters,
 read before and after, are reported to show it. At each length every ``--concurrency`` level
@@ -74,8 +74,8 @@ class PromptSource:
 
 
 def build_cases(source: PromptSource, lengths: list[int], levels: list[int], num_requests: int) -> list[dict]:
-    """One case per (length, concurrency): its own warm-up prompt and ``num_requests`` prompts."""
-    return [{"prompt_len": n, "concurrency": c, "warm": source.take(n),
+    """One case per (length, concurrency): its own ``concurrency`` warm-up prompts and ``num_requests`` prompts."""
+    return [{"prompt_len": n, "concurrency": c, "warm": [source.take(n) for _ in range(c)],
              "prompts": [source.take(n) for _ in range(num_requests)]} for n in lengths for c in levels]
 
 
@@ -135,7 +135,8 @@ def measure_cases(base: str, headers: dict, model: str | None, cases: list[dict]
         n, c = case["prompt_len"], case["concurrency"]
         print(f"prompt {n} tokens, concurrency {c}: {len(case['prompts'])} requests ...", file=sys.stderr, flush=True)
         bodies = [request_body(model, p, args) for p in case["prompts"]]
-        warm = {**request_body(model, case["warm"], args), "max_tokens": min(8, args.max_tokens)}
+        # as many untimed requests at once as the level runs: every batch size it will decode has run before
+        warm = [{**request_body(model, p, args), "max_tokens": min(8, args.max_tokens)} for p in case["warm"]]
         r = asyncio.run(_level(base, headers, bodies, warm, c, args.timeout))
         r["prompt_len"] = n
         results.append(r)
@@ -216,8 +217,8 @@ def limit_lines(shapes, gflops: float, method: str, runs: dict[str, list[list[di
 
     cases = runs[next(iter(runs))][0]
     out = [f"prefill against the matmul limit ({gflops:,.0f} GFLOP/s through {method}, measured before the servers "
-           f"started; {shapes.flops_per_token(lm_head=False) / 1e6:.1f} MFLOP per prompt token, attention not "
-           f"counted), concurrency 1:"]
+           f"started, best of 5 windows; {shapes.flops_per_token(lm_head=False) / 1e6:.1f} MFLOP per prompt token, "
+           f"attention not counted), concurrency 1:"]
     for i, case in enumerate(cases):
         if case["concurrency"] != 1:
             continue
@@ -237,7 +238,7 @@ def matmul_limit(model_dir: str, dtype: str):
     except (OSError, KeyError, ValueError):
         return None
     print("measuring the matmul limit ...", file=sys.stderr, flush=True)
-    return (shapes, *engine_gemm_gflops(shapes, "float32" if dtype == "auto" else dtype))
+    return (shapes, *engine_gemm_gflops(shapes, "float32" if dtype == "auto" else dtype, seconds=0.5, windows=5))
 
 
 def report(args, runs: dict[str, list[list[dict]]], caches: dict[str, list[dict]], limit, extra: list[str]) -> bool:
