@@ -99,3 +99,20 @@ def test_decode_attention_matches_reference(heads, kv_heads, head, window, dtype
             want = gqa_attention(q[rows[s], None, None].float(), k[None], v[None], mask, head ** -0.5)[0, 0]
             tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
             torch.testing.assert_close(out[rows[s]], want.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,inter", [(1, 1024), (9, 40), (3, 7), (70, 1024)])  # 70 x 1024 takes OpenMP threads
+def test_silu_and_mul_matches_reference(tokens, inter, dtype):
+    gen = torch.Generator().manual_seed(tokens + inter)
+    wide = (4 * torch.randn(tokens, 2 * inter + 6, generator=gen)).to(dtype)
+    x = wide[:, 3:3 + 2 * inter]  # a strided view: rows farther apart than 2I
+    x[0, :3] = torch.tensor([-100.0, 100.0, 0.0], dtype=dtype)  # exp over- and underflow, zero
+    got = native_ops.silu_and_mul(lib, x)
+    want = reference.silu_and_mul(x)
+    torch.testing.assert_close(got, want, **({} if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)))
+    if dtype == torch.bfloat16:  # rounded where the reference rounds: at most one bf16 step apart
+        assert (got.float() - want.float()).abs().le(want.float().abs() * 2 ** -7 + 1e-30).all()
+    three = x.reshape(1, tokens, 2 * inter)
+    torch.testing.assert_close(ops.silu_and_mul(three), reference.silu_and_mul(three))
+    assert native_ops.silu_and_mul(lib, x.half()) is None

@@ -168,17 +168,26 @@ static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64
     return _mm512_loadu_ps((const float *)base + i);
 }
 
-static inline __attribute__((always_inline)) void st16_bf16(uint16_t *p, __m512 v) {
+/* bfloat16 bits of 16 floats in the low halves of 32-bit lanes: round to nearest even, NaN stays NaN */
+static inline __attribute__((always_inline)) __m512i bf16_bits16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                                   _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
 }
 
-static inline __m512 exp512(__m512 x) {  /* x <= 0 */
+static inline __attribute__((always_inline)) void st16_bf16(uint16_t *p, __m512 v) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bf16_bits16(v)));
+}
+
+/* v rounded to bfloat16 and widened back */
+static inline __attribute__((always_inline)) __m512 rnd16_bf16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16));
+}
+
+static inline __m512 exp512(__m512 x) {  /* overflows to +inf past 88.7 */
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

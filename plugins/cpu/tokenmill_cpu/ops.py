@@ -1,7 +1,7 @@
 """CPU versions of the elementwise ops: fewer passes over memory than the reference, same results.
 
 Each follows its contract in :mod:`tokenmill.ops.registry`. In float32 and bfloat16 the
-norms and rotary run the plugin's C kernels (:mod:`tokenmill_cpu.native_ops`) where they
+norms, rotary and SiLU-and-mul run the plugin's C kernels (:mod:`tokenmill_cpu.native_ops`) where they
 were built, writing fresh outputs (inputs are never modified); otherwise float32 uses
 torch's fused CPU kernels and half precision the reference, whose casts the contract
 spells out and which torch's fused kernels would not reproduce.
@@ -38,6 +38,12 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    lib = native.library()
+    out = native_ops.silu_and_mul(lib, x) if lib is not None else None
+    if out is not None:
+        return out
+    if x.dtype != torch.float32:
+        return reference.silu_and_mul(x)
     inter = x.shape[-1] // 2
     gate, up = x[..., :inter], x[..., inter:]
     out = F.silu(gate)
