@@ -143,6 +143,11 @@ def test_outlines_refuses_grammars_and_auto_falls_back(compiler):
     assert compiler.compile(GuidedSpec("regex", r"(?i)yes")).backend == "outlines"
 
 
+#: A schema with no free strings: every whitespace in its output is between tokens.
+NO_STRINGS = {"type": "object", "properties": {"s": {"enum": ["on", "off"]}, "n": {"type": "integer"},
+                                               "b": {"type": "boolean"}}, "required": ["s", "n", "b"]}
+
+
 @pytest.mark.parametrize("spec,param,match", [
     (dict(json={"type": "object", "properties": {"a": {"type": "nope"}}}), "structured_outputs.json", "nope"),
     (dict(json="{not json"), "structured_outputs.json", "not valid JSON"),
@@ -153,6 +158,15 @@ def test_outlines_refuses_grammars_and_auto_falls_back(compiler):
      "structured_outputs.structural_tag", "invalid"),
     (dict(json={"type": "object"}, regex="a"), "structured_outputs", "exactly one"),
     (dict(regex="a", backend="llguidance"), "structured_outputs.backend", "must be one of"),
+    (dict(regex="a+", whitespace_pattern=" "), "structured_outputs.whitespace_pattern", "only to json"),
+    (dict(json=NO_STRINGS, whitespace_pattern="x" * 300), "structured_outputs.whitespace_pattern", "at most 256"),
+    (dict(json=NO_STRINGS, whitespace_pattern="(", backend="outlines"), "structured_outputs.whitespace_pattern",
+     "invalid"),
+    (dict(json=NO_STRINGS, whitespace_pattern=" ", disable_any_whitespace=True),
+     "structured_outputs.whitespace_pattern", "contradict"),
+    (dict(choice=["a"], disable_additional_properties=True), "structured_outputs.disable_additional_properties",
+     "only to json"),
+    (dict(regex="a", disable_fallback="yes"), "structured_outputs.disable_fallback", "boolean"),
 ])
 def test_invalid_specs_name_the_parameter(spec, param, match):
     with pytest.raises(GuidedSpecError, match=match) as info:
@@ -233,11 +247,6 @@ def test_runtime_mask_fills_constrained_rows_in_one_batch(compiler, vocab, monke
     assert all(tok.decode([t]).isdigit() for t in allowed[0]) and all(tok.decode([t]).isalpha() for t in allowed[2])
 
 
-#: A schema with no free strings: every whitespace in its output is between tokens.
-NO_STRINGS = {"type": "object", "properties": {"s": {"enum": ["on", "off"]}, "n": {"type": "integer"},
-                                               "b": {"type": "boolean"}}, "required": ["s", "n", "b"]}
-
-
 def test_whitespace_pattern_through_outlines_and_refused_by_xgrammar(compiler, vocab):
     # exactly one newline wherever the JSON may hold whitespace: outlines-core's default ("[ ]?") never writes one
     so = StructuredOutputsParams(json=NO_STRINGS, whitespace_pattern=r"\n")
@@ -268,24 +277,6 @@ def test_whitespace_pattern_through_outlines_and_refused_by_xgrammar(compiler, v
     assert all(m.accept_token(t) for t in vocab.tokenizer.encode('{\t"a"\t:\t1\t}', add_special_tokens=False))
     m = compiler.compile(obj.spec, "outlines").matcher()
     assert not all(m.accept_token(t) for t in vocab.tokenizer.encode('{ "a": 1}', add_special_tokens=False))
-
-
-@pytest.mark.parametrize("fields,param,match", [
-    (dict(regex="a+", whitespace_pattern=" "), "structured_outputs.whitespace_pattern", "only to json"),
-    (dict(json=NO_STRINGS, whitespace_pattern="x" * 300), "structured_outputs.whitespace_pattern", "at most 256"),
-    (dict(json=NO_STRINGS, whitespace_pattern="(", backend="outlines"), "structured_outputs.whitespace_pattern",
-     "invalid"),
-    (dict(json=NO_STRINGS, whitespace_pattern=" ", disable_any_whitespace=True),
-     "structured_outputs.whitespace_pattern", "contradict"),
-    (dict(choice=["a"], disable_additional_properties=True), "structured_outputs.disable_additional_properties",
-     "only to json"),
-    (dict(regex="a", disable_fallback="yes"), "structured_outputs.disable_fallback", "boolean"),
-])
-def test_bad_structured_outputs_options_name_the_field(fields, param, match):
-    with pytest.raises(GuidedSpecError, match=match) as info:
-        p = StructuredOutputsParams(**fields)
-        choose_backend(p.spec, p.backend or "auto", backend_classes())
-    assert info.value.param == param
 
 
 def test_disable_fallback_keeps_auto_on_xgrammar(compiler):
