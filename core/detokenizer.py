@@ -19,10 +19,13 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Turns a growing list of output token ids into text deltas.
 
-    Each step decodes only a short window of recent ids (vLLM's prefix/read offsets): the text
-    of ``ids[prefix:read]`` is already emitted; the delta is what ``ids[prefix:]`` adds to it.
-    A delta ending in U+FFFD is an incomplete UTF-8 character split across byte-level tokens,
-    so it is held back until a later token completes it (or until :meth:`flush`).
+    A fast (Rust) tokenizer decodes through its own ``DecodeStream``, which keeps the decoder's
+    state between tokens, so a step costs one short call. Other tokenizers decode a short window
+    of recent ids each step (vLLM's prefix/read offsets): the text of ``ids[prefix:read]`` is
+    already emitted; the delta is what ``ids[prefix:]`` adds to it. Either way an incomplete
+    UTF-8 character split across byte-level tokens is held back until a later token completes it
+    (or until :meth:`flush`). If the stream fails (it refuses an id), the rest of the sequence is
+    decoded whole each step, as ``tokenizer.decode`` would show it.
     With a byte-level BPE tokenizer, ``text`` after ``flush()`` equals
     ``tokenizer.decode(output_ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
     ``spaces_between_special_tokens`` is passed to ``decode`` (only slow, Python tokenizers use it).
@@ -43,6 +46,9 @@ class IncrementalDetokenizer:
         self._read = len(context)
         self._num_context = len(context)
         self.text = ""
+        self._stream, self._backend = _decode_stream(tokenizer, context, skip_special_tokens)
+        self._pending = False  # the stream holds ids it has not turned into text yet
+        self._whole = False    # the stream failed: decode the whole output each step
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -61,12 +67,36 @@ class IncrementalDetokenizer:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         self._ids.extend(token_ids)
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, list(token_ids))
+            except Exception:  # e.g. an id the vocabulary lacks: decode() shows such ids as it can
+                self._stream, self._whole = None, True
+                return self._advance_whole(final=False)
+            self._pending = piece is None
+            if piece:
+                self.text += piece
+            return piece or ""
+        if self._whole:
+            return self._advance_whole(final=False)
         return self._advance(final=False)
 
     def flush(self) -> str:
         """Return the text still held back (a trailing incomplete character decodes as U+FFFD,
         exactly as a full decode shows it). Call once when the sequence ends."""
+        if self._stream is not None:
+            return self._advance_whole(final=True) if self._pending else ""
+        if self._whole:
+            return self._advance_whole(final=True)
         return self._advance(final=True)
+
+    def _advance_whole(self, final: bool) -> str:
+        full = self._decode(self.output_token_ids)
+        if (full.endswith(_REPLACEMENT) and not final) or not full.startswith(self.text):
+            return ""
+        delta = full[len(self.text):]
+        self.text = full
+        return delta
 
     def _advance(self, final: bool) -> str:
         if self._read == len(self._ids):
@@ -81,6 +111,18 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         self.text += delta
         return delta
+
+
+def _decode_stream(tokenizer, context: list[int], skip_special_tokens: bool):
+    """``(DecodeStream, Rust tokenizer)`` for a fast tokenizer, else ``(None, None)``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, None
+    try:
+        from tokenizers.decoders import DecodeStream
+        return DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens), backend
+    except (ImportError, TypeError):  # tokenizers before 0.21 has no stream with context
+        return None, None
 
 
 def find_stop(text: str, start: int, stop: Sequence[str]) -> tuple[int, str] | None:

@@ -3,6 +3,8 @@ import random
 
 import pytest
 
+from tokenizers.decoders import DecodeStream as RealDecodeStream
+
 from tokenmill.detokenizer import IncrementalDetokenizer, OutputText, find_stop
 from tokenmill.sampling_params import SamplingParams
 
@@ -40,6 +42,40 @@ def encode(text):
     return tokenizer().encode(text, add_special_tokens=False)
 
 
+class WindowOnly:
+    """The tokenizer without its Rust backend, as a slow tokenizer looks: the window path."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+class FailingStream:
+    """A DecodeStream that refuses its fourth step: the detokenizer must carry on decoding whole."""
+
+    def __init__(self, **kw):
+        self.real, self.steps = RealDecodeStream(**kw), 0
+
+    def step(self, backend, ids):
+        self.steps += 1
+        if self.steps == 4:
+            raise ValueError("refused")
+        return self.real.step(backend, ids)
+
+
+@pytest.fixture(params=["stream", "window", "failing-stream"])
+def detok_tok(request, monkeypatch):
+    """The test tokenizer as each decoding path of IncrementalDetokenizer sees it."""
+    if request.param == "window":
+        return WindowOnly(tokenizer())
+    if request.param == "failing-stream":
+        import tokenizers.decoders
+        monkeypatch.setattr(tokenizers.decoders, "DecodeStream", FailingStream)
+    return tokenizer()
+
+
 MULTIBYTE = [
     "Café 你好 😀🚀 naïve 世界",
     "Zürich déjà vu — 今天天气很好 👨‍👩‍👧 🇯🇵!",
@@ -55,10 +91,10 @@ def test_tokenizer_really_splits_characters():
 
 @pytest.mark.parametrize("text", MULTIBYTE)
 @pytest.mark.parametrize("prompt", ["", "Hello 你", "naïve 😀"])
-def test_stream_equals_full_decode_at_every_step(text, prompt):
+def test_stream_equals_full_decode_at_every_step(text, prompt, detok_tok):
     tok = tokenizer()
     ids = encode(text)
-    d = IncrementalDetokenizer(tok, encode(prompt))
+    d = IncrementalDetokenizer(detok_tok, encode(prompt))
     streamed = ""
     for n, i in enumerate(ids, 1):
         delta = d.add(i)
@@ -73,10 +109,10 @@ def test_stream_equals_full_decode_at_every_step(text, prompt):
     assert d.output_token_ids == ids
 
 
-def test_multi_token_add_and_flush_of_incomplete_char():
+def test_multi_token_add_and_flush_of_incomplete_char(detok_tok):
     tok = tokenizer()
     ids = encode("ab 😀")
-    d = IncrementalDetokenizer(tok, [])
+    d = IncrementalDetokenizer(detok_tok, [])
     out = d.add(ids[:2]) + d.add(ids[2:-1])
     assert FFFD not in out
     # the sequence ended inside the emoji: flush shows it as the full decode does
@@ -85,23 +121,23 @@ def test_multi_token_add_and_flush_of_incomplete_char():
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_random_ids_match_full_decode(skip):
+def test_random_ids_match_full_decode(skip, detok_tok):
     tok = tokenizer()
     rng = random.Random(0)
     for _ in range(20):
         ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 30))]
-        d = IncrementalDetokenizer(tok, [0, 300, 5], skip_special_tokens=skip)
+        d = IncrementalDetokenizer(detok_tok, [0, 300, 5], skip_special_tokens=skip)
         for i in ids:
             d.add(i)
         d.flush()
         assert d.text == tok.decode(ids, skip_special_tokens=skip)
 
 
-def test_skip_special_tokens():
+def test_skip_special_tokens(detok_tok):
     tok = tokenizer()
     ids = [tok.bos_token_id] + encode("hi 你好") + [tok.eos_token_id] + encode(" ok")
     for skip, expected in [(True, "hi 你好 ok"), (False, "<s>hi 你好</s> ok")]:
-        d = IncrementalDetokenizer(tok, [tok.bos_token_id], skip_special_tokens=skip)
+        d = IncrementalDetokenizer(detok_tok, [tok.bos_token_id], skip_special_tokens=skip)
         text = "".join(d.add(i) for i in ids) + d.flush()
         assert text == expected == tok.decode(ids, skip_special_tokens=skip)
 
@@ -157,14 +193,6 @@ def test_partial_stop_is_held_then_released():
 
 
 def test_window_stays_small():
-    class Counting:
-        def __init__(self, tok):
-            self.tok, self.longest = tok, 0
-
-        def decode(self, ids, **kw):
-            self.longest = max(self.longest, len(ids))
-            return self.tok.decode(ids, **kw)
-
     counting = Counting(tokenizer())
     ids = encode(" ".join(MULTIBYTE * 10))
     d = IncrementalDetokenizer(counting, encode("prompt 你好"))
@@ -173,6 +201,44 @@ def test_window_stays_small():
     d.flush()
     assert d.text == tokenizer().decode(ids) and len(ids) > 200
     assert counting.longest <= 12
+
+
+class Counting:
+    """Counts ``decode`` calls; exposes the Rust backend when ``fast`` (the stream path)."""
+
+    def __init__(self, tok, fast=False):
+        self.tok, self.longest, self.calls = tok, 0, 0
+        if fast:
+            self.backend_tokenizer = tok.backend_tokenizer
+
+    def decode(self, ids, **kw):
+        self.calls += 1
+        self.longest = max(self.longest, len(ids))
+        return self.tok.decode(ids, **kw)
+
+
+def test_fast_tokenizer_streams_without_decoding_each_step():
+    counting = Counting(tokenizer(), fast=True)
+    ids = encode(" ".join(MULTIBYTE * 3))
+    d = IncrementalDetokenizer(counting, encode("prompt 你好"))
+    text = "".join(d.add(i) for i in ids)
+    assert counting.calls == 1  # the prompt context's check, nothing per step
+    text += d.flush()
+    assert text == d.text == tokenizer().decode(ids) and counting.calls == 1  # nothing was held back
+    d = IncrementalDetokenizer(counting, [])
+    d.add(encode("ab 😀")[:-1])
+    assert d.flush().endswith(FFFD) and counting.calls == 2  # held back: flush decodes once
+
+
+def test_failing_stream_carries_on_with_whole_decodes(monkeypatch):
+    import tokenizers.decoders
+    made = []
+    monkeypatch.setattr(tokenizers.decoders, "DecodeStream", lambda **kw: made.append(FailingStream(**kw)) or made[-1])
+    ids = encode(MULTIBYTE[1])
+    d = IncrementalDetokenizer(tokenizer(), encode("naïve 😀"))
+    deltas = [d.add(i) for i in ids]
+    assert made and made[0].steps == 4  # it failed on the fourth token and was not called again
+    assert all(FFFD not in x for x in deltas) and "".join(deltas) + d.flush() == MULTIBYTE[1] == d.text
 
 
 def test_earliest_stop_wins_and_find_stop():
