@@ -72,10 +72,10 @@ def test_a_runner_that_keeps_stale_padded_slots_gives_other_tokens(monkeypatch):
     _, want = _run(path, prompts, max_tokens, enforce_eager=True)
     copy_in = DecodeGraphs._copy_in
 
-    def stale(self, size, input_ids, positions, slots, seq_lens, tables):
-        n = len(input_ids)
+    def stale(self, size, step):
+        n = len(step.input_ids)
         old = self.slots[n:size].clone()
-        copy_in(self, size, input_ids, positions, slots, seq_lens, tables)
+        copy_in(self, size, step)
         self.slots[n:size] = old
 
     monkeypatch.setattr(DecodeGraphs, "_copy_in", stale)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 
 from tokenmill.config import BucketConfig, EngineConfig
 from tokenmill.engine.buckets import ShapeBuckets, pad_rows, pad_step, powers_of_two
+from tokenmill.engine.input_batch import StepInputs
 from tokenmill.hookspecs import hookimpl
 from tokenmill.platform import Capabilities
 from tokenmill.testing.tiny_models import make_tiny_model
@@ -42,18 +44,25 @@ def test_buckets_from_config_and_validation():
     assert cfg.buckets == BucketConfig(token_buckets=(8, 128), width_buckets=(4,))
 
 
+def _step(ids, pos, slots, qlens, slens, tables):
+    width = max(len(t) for t in tables)
+    return StepInputs(*(np.array(a, dtype=np.int64) for a in (ids, pos, slots, qlens, slens)),
+                      torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32))
+
+
 def test_pad_step_keeps_the_attention_contract():
     b = ShapeBuckets.from_config(BucketConfig(), 64, 4, 8)
-    table = [7, 3]
-    ids, pos, slots = [5, 6, 7], [0, 1, 16], [112, 113, 48]
-    qlens, slens, tables = [2, 1], [2, 17], [[7], table]
-    assert pad_step(b, ids, pos, slots, qlens, slens, tables) == (16, 2, 2)
-    assert ids == [5, 6, 7] + [0] * 13 and pos == [0, 1, 16] + [0] * 13 and slots == [112, 113, 48] + [-1] * 13
-    assert (qlens, slens) == ([2, 1], [2, 17])
-    assert tables == [[7, 0], [7, 3]] and table == [7, 3]  # the runner's own table is not touched
-    qlens, slens, tables = [1, 1, 1], [3, 4, 5], [[1], [2], [3]]
-    pad_step(b, [1, 2, 3], [2, 3, 4], [1, 2, 3], qlens, slens, tables)
-    assert (qlens, slens, tables) == ([1, 1, 1, 0], [3, 4, 5, 0], [[1], [2], [3], [0]])
+    step = _step([5, 6, 7], [0, 1, 16], [112, 113, 48], [2, 1], [2, 17], [[7], [7, 3]])
+    p = pad_step(b, step)
+    assert p.block_tables.shape == (2, 2)
+    assert p.input_ids.tolist() == [5, 6, 7] + [0] * 13 and p.positions.tolist() == [0, 1, 16] + [0] * 13
+    assert p.slots.tolist() == [112, 113, 48] + [-1] * 13
+    assert (p.query_lens.tolist(), p.seq_lens.tolist()) == ([2, 1], [2, 17])
+    assert p.block_tables.tolist() == [[7, 0], [7, 3]]
+    assert step.input_ids.tolist() == [5, 6, 7] and step.block_tables.shape == (2, 2)  # the runner's step is not touched
+    p = pad_step(b, _step([1, 2, 3], [2, 3, 4], [1, 2, 3], [1, 1, 1], [3, 4, 5], [[1], [2], [3]]))
+    assert (p.query_lens.tolist(), p.seq_lens.tolist(), p.block_tables.tolist()) == \
+        ([1, 1, 1, 0], [3, 4, 5, 0], [[1], [2], [3], [0]])
     assert pad_rows(b, [4, 9, 11]) == [4, 9, 11, 4] and pad_rows(b, []) == []
 
 

@@ -23,6 +23,11 @@ import bisect
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
+from tokenmill.engine.input_batch import StepInputs
+
 log = logging.getLogger(__name__)
 
 
@@ -92,22 +97,21 @@ class ShapeBuckets:
         return shape
 
 
-def pad_step(buckets: ShapeBuckets, input_ids: list[int], positions: list[int], slots: list[int],
-             query_lens: list[int], seq_lens: list[int], tables: list[list[int]]):
-    """Pad one step's host lists in place to its bucket; returns the padded ``(tokens, seqs, width)``."""
-    width = max((len(t) for t in tables), default=1)
-    num_tokens, num_seqs, width = buckets.pick(len(input_ids), len(query_lens), max(width, 1))
-    extra = num_tokens - len(input_ids)
-    input_ids.extend([0] * extra)
-    positions.extend([0] * extra)
-    slots.extend([-1] * extra)
-    extra = num_seqs - len(query_lens)
-    query_lens.extend([0] * extra)
-    seq_lens.extend([0] * extra)
-    tables.extend([] for _ in range(extra))
-    for i, t in enumerate(tables):
-        tables[i] = t + [0] * (width - len(t))
-    return num_tokens, num_seqs, width
+def pad_step(buckets: ShapeBuckets, step: StepInputs) -> StepInputs:
+    """``step`` padded to its bucket (a new :class:`StepInputs`; ``step`` itself is unchanged)."""
+    num_tokens, num_seqs, width = buckets.pick(len(step.input_ids), len(step.query_lens),
+                                               max(step.block_tables.shape[1], 1))
+    tables = torch.zeros(num_seqs, width, dtype=torch.int32)
+    tables[:step.block_tables.shape[0], :step.block_tables.shape[1]] = step.block_tables
+    return StepInputs(_pad(step.input_ids, num_tokens, 0), _pad(step.positions, num_tokens, 0),
+                      _pad(step.slots, num_tokens, -1), _pad(step.query_lens, num_seqs, 0),
+                      _pad(step.seq_lens, num_seqs, 0), tables)
+
+
+def _pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, dtype=values.dtype)
+    out[:len(values)] = values
+    return out
 
 
 def pad_rows(buckets: ShapeBuckets, rows: list[int]) -> list[int]:

@@ -27,9 +27,11 @@ from __future__ import annotations
 import bisect
 import logging
 
+import numpy as np
 import torch
 
 from tokenmill.attention.interface import AttentionMetadata
+from tokenmill.engine.input_batch import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +79,20 @@ class DecodeGraphs:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def _copy_in(self, size: int, input_ids, positions, slots, seq_lens, tables) -> None:
-        n = len(input_ids)
-        pad = size - n
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.int64)
+    def _copy_in(self, size: int, step: StepInputs) -> None:
+        n = len(step.input_ids)
+        host = np.zeros((3, size), dtype=np.int64)
+        host[0, :n], host[1, :n], host[2, :n], host[2, n:] = step.input_ids, step.positions, step.slots, -1
+        host = torch.from_numpy(host)
         self.ids[:size].copy_(host[0], non_blocking=True)
         self.positions[:size].copy_(host[1], non_blocking=True)
         self.slots[:size].copy_(host[2], non_blocking=True)
-        self.seq_lens[:size].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        rows = [t + [0] * (self.width - len(t)) for t in tables] + [[0] * self.width] * pad
-        self.tables[:size].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        seq_lens = np.zeros(size, dtype=np.int32)
+        seq_lens[:n] = step.seq_lens
+        self.seq_lens[:size].copy_(torch.from_numpy(seq_lens), non_blocking=True)
+        tables = torch.zeros(size, self.width, dtype=torch.int32)
+        tables[:n, :step.block_tables.shape[1]] = step.block_tables
+        self.tables[:size].copy_(tables, non_blocking=True)
 
     def _capture(self, size: int, backend):
         meta = AttentionMetadata(query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
@@ -106,14 +112,13 @@ class DecodeGraphs:
                  list(self.sizes))
         return graph
 
-    def run_step(self, backend, items, states, lists):
+    def run_step(self, backend, items, states, step: StepInputs):
         """Logits of a step a graph can run, or None (it runs eagerly): a decode-only step, one token
-        per sequence with only logits wanted from it. ``lists`` are the runner's host lists."""
+        per sequence with only logits wanted from it. ``step`` holds the runner's host inputs."""
         if not all(item.num_new == 1 and not item.prompt_logprobs and not getattr(st.params, "pooling", None)
                    for item, st in zip(items, states)):
             return None
-        input_ids, positions, slots, _, seq_lens, tables = lists
-        return self.run(backend, input_ids, positions, slots, seq_lens, tables)
+        return self.run(backend, step)
 
     @staticmethod
     def sample_logits(logits, rows: list[int]):
@@ -121,14 +126,13 @@ class DecodeGraphs:
         n = len(rows)
         return logits[:n] if rows == list(range(n)) else logits[rows]
 
-    def run(self, backend, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]):
-        """Logits ``[B, vocab]`` of a decode step (rows past ``len(input_ids)`` are padding), or None
+    def run(self, backend, step: StepInputs):
+        """Logits ``[B, vocab]`` of a decode step (rows past the step's sequences are padding), or None
         when the step must run eagerly (too large, or capture failed). Valid until the next call."""
-        size = self.size_for(len(input_ids))
+        size = self.size_for(len(step.input_ids))
         if size is None or self.failed is not None:
             return None
-        self._copy_in(size, input_ids, positions, slots, seq_lens, tables)
+        self._copy_in(size, step)
         graph = self.graphs.get(size)
         if graph is None:
             try:

@@ -13,10 +13,11 @@ from itertools import accumulate
 
 import torch
 
-from tokenmill.attention.interface import AttentionMetadata, AttentionSpec
+from tokenmill.attention.interface import AttentionSpec
 from tokenmill.engine.batch import RunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.engine.buckets import ShapeBuckets, pad_rows, pad_step, powers_of_two
 from tokenmill.engine.graphs import DecodeGraphs, graphs_unavailable
+from tokenmill.engine.input_batch import BlockTables, StepInputs
 from tokenmill.engine.swap_caches import SwapCaches
 from tokenmill.config import EngineConfig
 from tokenmill.models.interface import ModelContext
@@ -104,6 +105,8 @@ class ModelRunner:
             log.info("model runner: %s declares static shapes; steps are padded to buckets: %s", platform.name,
                      self.buckets.describe())
         self._states: dict[int, _SeqState] = {}
+        #: The block tables of the sequences in ``_states``, one host row each.
+        self.block_tables = BlockTables(config.scheduler.max_num_seqs, -(-self._max_len // self.block_size))
         self.kv_caches: list[torch.Tensor] = []
         #: Host copies of swapped-out blocks (allocated in swap mode only).
         self.swap = SwapCaches(platform, self.backend, config.cache, self.dtype, self.num_layers, self._cache_shape,
@@ -156,13 +159,16 @@ class ModelRunner:
     # -- the persistent batch -------------------------------------------------------------------
     def _apply_plan_state(self, out: SchedulerOutput) -> None:
         """Drop finished sequences, register new ones, apply block-table changes."""
+        tables = self.block_tables
         for seq_id in out.finished:
             self._states.pop(seq_id, None)
+            tables.remove(seq_id)
         for ns in out.new_seqs:
             old = self._states.get(ns.seq_id)
             st = self._states[ns.seq_id] = _SeqState(ns.request_id, ns.index, list(ns.token_ids),
-                                                     ns.num_prompt_tokens, ns.params, ns.eos_token_id, [],
+                                                     ns.num_prompt_tokens, ns.params, ns.eos_token_id,
                                                      old.generator if old else None)
+            tables.add(ns.seq_id)
             if old is not None and old.gen_saved is not None and old.gen_saved[0] == len(st.token_ids):
                 st.generator.set_state(old.gen_saved[1])  # its last sample was dropped: draw it again
             # only rank 0 masks and samples; the other ranks receive its tokens (jump-forward is off with TP)
@@ -170,11 +176,10 @@ class ModelRunner:
                 # after a preemption the matcher survives if it followed the same tokens; else replay them
                 keep = old.guided if old is not None and old.token_ids == st.token_ids else None
                 st.guided = self.guided.seq(ns.params, st.token_ids[st.num_prompt_tokens:], keep)
+        num_blocks, rows = tables.num_blocks, tables.rows
         for item in out.seqs:
-            table = self._states[item.seq_id].block_table
-            if item.new_blocks or item.blocks_from < len(table):
-                del table[item.blocks_from:]
-                table.extend(item.new_blocks)
+            if item.new_blocks or item.blocks_from < num_blocks[rows[item.seq_id]]:
+                tables.update(item.seq_id, item.blocks_from, item.new_blocks)
 
     @property
     def num_seq_states(self) -> int:
@@ -182,37 +187,18 @@ class ModelRunner:
         return len(self._states)
 
     # -- one step ------------------------------------------------------------------------------
-    def _host_lists(self, out: SchedulerOutput, states: list["_SeqState"]):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens = []
-        query_lens = []
-        tables = []
-        for item, st in zip(out.seqs, states):
-            start, n = item.start, item.num_new
-            input_ids.extend(st.token_ids[start:start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
-            table = st.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(start + n)
-            query_lens.append(n)
-            tables.append(table)
-        return input_ids, positions, slots, query_lens, seq_lens, tables
+    def _step_inputs(self, out: SchedulerOutput, states: list["_SeqState"]) -> StepInputs:
+        return StepInputs.build(out.seqs, [st.token_ids for st in states], self.block_tables, self.block_size)
 
-    def _build(self, lists):
-        input_ids, positions, slots, query_lens, seq_lens, tables = lists
-        bs = self.block_size
+    def _build(self, step: StepInputs):
         if self.buckets is not None:
-            pad_step(self.buckets, input_ids, positions, slots, query_lens, seq_lens, tables)
+            step = pad_step(self.buckets, step)
         dev = self.device
-        meta = AttentionMetadata.from_lists(query_lens, seq_lens, tables, slots, bs, dev)
-        qsl = [0, *accumulate(query_lens)]
+        meta = step.metadata(self.block_size, dev)
+        qsl = [0, *accumulate(meta.query_lens_cpu)]
         self.backend.prepare(meta)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        ids = torch.from_numpy(step.input_ids).to(dev)
+        pos_t = torch.from_numpy(step.positions).to(dev)
         return ids, pos_t, meta, qsl
 
     def _generator(self, st: "_SeqState", index: int) -> torch.Generator | None:
@@ -238,13 +224,13 @@ class ModelRunner:
         states = [self._states[item.seq_id] for item in out.seqs]
         self.backend.copy_blocks(self.kv_caches, out.block_copies)
         self.swap.swap_in(self.kv_caches, out.swap_in)
-        lists = self._host_lists(out, states)
+        step = self._step_inputs(out, states)
         t0 = time.perf_counter()
-        graph_logits = self.graphs.run_step(self.backend, out.seqs, states, lists) if self.graphs is not None else None
+        graph_logits = self.graphs.run_step(self.backend, out.seqs, states, step) if self.graphs is not None else None
         if graph_logits is not None:
             hidden, qsl = None, range(len(out.seqs) + 1)
         else:
-            ids, positions, meta, qsl = self._build(lists)
+            ids, positions, meta, qsl = self._build(step)
             t0 = time.perf_counter()
             hidden = self.model.forward(ids, positions, self.kv_caches, meta)
 
@@ -319,8 +305,8 @@ class ModelRunner:
             row += n
             for k, (child_id, gen) in enumerate(zip(item.child_seq_ids, st.child_generators), start=1):
                 child = self._states[child_id] = _SeqState(st.request_id, st.index + k, st.token_ids + [toks[k]],
-                                                           st.num_prompt_tokens, st.params, st.eos_token_id,
-                                                           list(st.block_table), gen)
+                                                           st.num_prompt_tokens, st.params, st.eos_token_id, gen)
+                self.block_tables.fork(item.seq_id, child_id)
                 if st.guided is not None:  # each continuation follows the grammar on its own
                     child.guided = st.guided.fork()
                     self._advance_guided(child_id, child, toks[k], result)
@@ -364,8 +350,9 @@ class ModelRunner:
 
 @dataclass(eq=False)
 class _SeqState:
-    """The runner's copy of one sequence: its tokens (the runner appends what it samples), block
-    table and sampling parameters, kept across steps so each step message carries only changes."""
+    """The runner's copy of one sequence: its tokens (the runner appends what it samples) and
+    sampling parameters, kept across steps so each step message carries only changes (its block
+    table is a row of the runner's :class:`BlockTables`)."""
 
     request_id: str
     index: int
@@ -373,7 +360,6 @@ class _SeqState:
     num_prompt_tokens: int
     params: object
     eos_token_id: int | None
-    block_table: list[int]
     generator: torch.Generator | None = None
     child_generators: list = field(default_factory=list)
     #: The structured-output state, a GuidedSeq (None: unconstrained).
