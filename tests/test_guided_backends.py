@@ -207,7 +207,7 @@ def test_reference_bitmask_op_matches_a_loop():
     assert torch.isinf(narrow[:, 32:]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bitmask_op_rows_and_the_cpu_plugins_kernel(dtype):
     from tokenmill_cpu.bitmask import apply_token_bitmask as cpu_apply
 

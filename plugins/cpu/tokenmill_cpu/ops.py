@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tokenmill.ops import reference
 from tokenmill_cpu import native, native_ops
+from tokenmill_cpu.bitmask import apply_token_bitmask
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,9 +84,5 @@ CPU_OPS = {
     "fused_add_rms_norm": fused_add_rms_norm,
     "silu_and_mul": silu_and_mul,
     "rotary_embedding": rotary_embedding,
+    "apply_token_bitmask": apply_token_bitmask,
 }
-
-from tokenmill_cpu import bitmask as _bitmask  # noqa: E402  (xgrammar's kernel, where it imports)
-
-if _bitmask.available():
-    CPU_OPS["apply_token_bitmask"] = _bitmask.apply_token_bitmask
