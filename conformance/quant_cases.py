@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-#: Token counts per call: a decode batch of one and an odd-sized prefill.
-TOKENS = (1, 7)
+#: Token counts per call: a decode batch of one, an odd-sized batch, and a prefill past the row
+#: count where a platform may switch kernels (the cpu plugin: 32).
+TOKENS = (1, 7, 40)
 
 
 @dataclass(frozen=True)

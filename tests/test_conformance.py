@@ -56,9 +56,9 @@ def test_cpu_plugin_passes_the_whole_suite(cpu_report):
         assert r.status == SKIP and "bfloat16 activations only" in r.detail, r.detail
     # the int4 matmul serves bfloat16 (8-bit GPTQ refused); other dtypes are refused, the reference serves them
     gptq = results["quant/cpu/CpuGPTQMethod/gptq/bfloat16"]
-    assert gptq.status == PASS and "18 cases" in gptq.detail and "refused 1" in gptq.detail, gptq.detail
+    assert gptq.status == PASS and "27 cases" in gptq.detail and "refused 1" in gptq.detail, gptq.detail
     awq = results["quant/cpu/CpuAWQMethod/awq/bfloat16"]
-    assert awq.status == PASS and "6 cases" in awq.detail, awq.detail
+    assert awq.status == PASS and "9 cases" in awq.detail, awq.detail
     for cls, key in (("CpuGPTQMethod", "gptq"), ("CpuAWQMethod", "awq")):
         for dtype in ("float32", "float16"):
             r = results[f"quant/cpu/{cls}/{key}/{dtype}"]
@@ -78,9 +78,9 @@ def test_offbyone_plugin_fails(offbyone_report):
     gptq = results["quant/offbyone/OffByOneGPTQ/gptq/float32"]
     assert gptq.status == FAIL and "relative error" in gptq.detail and "exceeds the gptq tolerance" in gptq.detail
     awq = results["quant/offbyone/OffByOneAWQ/awq/float32"]
-    assert awq.status == PASS and "6 cases" in awq.detail  # plain, fused and experts, 1 and 7 tokens
+    assert awq.status == PASS and "9 cases" in awq.detail  # plain, fused and experts, 1, 7 and 40 tokens
     ct = results["quant/offbyone/OffByOneCT/compressed-tensors/float32"]
-    assert ct.status == PASS and "36 cases" in ct.detail, ct.detail  # w8a8, fp8, w4a16 x3, w8a16
+    assert ct.status == PASS and "54 cases" in ct.detail, ct.detail  # w8a8, fp8, w4a16 x3, w8a16
     # What it declares, it declares honestly: the refusal checks pass.
     refusals = [r for cid, r in results.items() if cid.startswith("refusal/")]
     assert refusals and all(r.status == PASS for r in refusals)

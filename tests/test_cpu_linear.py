@@ -1,8 +1,12 @@
-"""The cpu plugin's oneDNN-packed float linears: chosen for float32, packed once, same tokens as F.linear."""
+"""The cpu plugin's float linears: few rows through its C kernel, many through oneDNN on packed weights.
+
+Each path is checked against ``F.linear``, and a model's greedy tokens and logprobs against the
+reference ops'."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.models.layers import Linear
@@ -15,17 +19,66 @@ def _linears(llm):
     return [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
 
 
-def test_float32_linears_are_packed_and_match_f_linear():
+def _lib():
+    from tokenmill_cpu import native
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip(f"no native kernels here: {native.status()}")
+    return lib
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+@pytest.mark.parametrize("n, k, bias", [(64, 128, False), (37, 72, True), (520, 1040, False)])
+def test_row_kernel_matches_f_linear(dtype, rows, n, k, bias):
+    """Tiles of 8 outputs with a remainder (37), a K that is not a multiple of the vector width (72),
+    a bias, and rows read through a stride wider than K."""
+    from tokenmill_cpu import native_linear
+
+    lib = _lib()
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    wide = torch.randn(rows, k + 5, generator=gen).to(dtype)
+    x = wide[:, :k]  # row stride k + 5
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    got = native_linear.linear(lib, x, w, b, torch.get_num_threads())
+    assert got is not None and got.dtype == dtype and got.shape == (rows, n)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
+    assert float((got.float() - want).abs().max() / want.abs().max()) < tol
+    three_d = native_linear.linear(lib, x.contiguous().view(1, rows, k), w, b, 1)  # [..., K] inputs, one thread
+    assert torch.equal(three_d.view(rows, n), got)
+
+
+def test_row_kernel_declines_what_it_does_not_serve():
+    from tokenmill_cpu import native_linear
+
+    lib = _lib()
+    w = torch.randn(16, 32)
+    assert native_linear.linear(lib, torch.randn(native_linear.MAX_ROWS + 1, 32), w, None, 1) is None
+    assert native_linear.linear(lib, torch.randn(2, 32).to(torch.bfloat16), w, None, 1) is None  # dtypes differ
+    assert native_linear.linear(lib, torch.randn(32, 2).t(), w, None, 1) is None  # columns not contiguous
+    assert native_linear.linear(lib, torch.randn(2, 32), w, torch.randn(16).to(torch.bfloat16), 1) is None
+    assert not native_linear.supports(torch.float16)
+
+
+def test_float32_model_uses_both_paths_and_matches_f_linear():
+    from tokenmill_cpu import native_linear
     from tokenmill_cpu.linear import CpuPackedLinearMethod
 
-    prompts = [[5, 9, 13, 2, 7, 11, 3], [4, 4, 8, 1]]
+    _lib()
+    # the 16-token prompt runs through oneDNN, the decode steps through the row kernel
+    prompts = [[5, 9, 13, 2, 7, 11, 3, 5, 9, 13, 2, 7, 11, 3, 6, 8] * 3, [4, 4, 8, 1]]
+    assert len(prompts[0]) + len(prompts[1]) > native_linear.MAX_ROWS
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
-    packed = LLM(model=str(make_tiny_model("llama")), device="cpu", dtype="float32")
-    linears = _linears(packed)
+    ours = LLM(model=str(make_tiny_model("llama")), device="cpu", dtype="float32")
+    linears = _linears(ours)
     assert linears and all(type(m.method) is CpuPackedLinearMethod for m in linears)
-    assert all(m.weight.is_mkldnn for m in linears)  # only the packed copy is kept
     assert any(m.prefix == "lm_head" for m in linears)
-    got = packed.generate([{"prompt_token_ids": p} for p in prompts], params)
+    # the plain weight for the row kernel, the packed copy for many rows
+    assert all(not m.weight.is_mkldnn and m.weight_packed is not None and m.weight_packed.is_mkldnn for m in linears)
+    got = ours.generate([{"prompt_token_ids": p} for p in prompts], params)
     plain = LLM(model=str(make_tiny_model("llama")), device="cpu", dtype="float32", reference_ops=True)
     assert not any(m.weight.is_mkldnn for m in _linears(plain))
     want = plain.generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -36,14 +89,47 @@ def test_float32_linears_are_packed_and_match_f_linear():
             assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
 
 
-def test_bfloat16_is_packed_where_onednn_has_bf16_and_float16_keeps_f_linear():
+class _Layer(torch.nn.Module):
+    def __init__(self, out_features, in_features):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features), requires_grad=False)
+
+
+@pytest.mark.parametrize("case", ["no-native", "over-budget"])
+def test_one_copy_when_the_row_kernel_is_absent_or_memory_is_short(case, monkeypatch):
+    """Without the C kernel the packed copy is the only one; past the memory share there is no packed copy,
+    and many rows go to F.linear. Either way every row count gives F.linear's result."""
+    from tokenmill_cpu import linear as cpu_linear
+
+    method = cpu_linear.CpuPackedLinearMethod("none", None, torch.float32)
+    if case == "no-native":
+        method.lib = None
+    else:
+        _lib()
+        monkeypatch.setattr(cpu_linear, "PACKED_COPY_SHARE", 0.0)
+    layer = _Layer(48, 64)
+    w = layer.weight.detach().clone()
+    method.process_weights_after_loading(layer)
+    if case == "no-native":
+        assert layer.weight.is_mkldnn and layer.weight_packed is None
+    else:
+        assert not layer.weight.is_mkldnn and layer.weight_packed is None
+    for rows in (1, 40):
+        x = torch.randn(rows, 64)
+        assert torch.allclose(method.apply(layer, x), F.linear(x, w), atol=1e-5)
+
+
+def test_bfloat16_is_served_and_float16_keeps_f_linear():
     from tokenmill.quant import UnquantizedMethod
     from tokenmill_cpu.linear import CpuPackedLinearMethod
 
     path = str(make_tiny_model("llama"))
     if torch.bfloat16 in CpuPackedLinearMethod.dtypes():
         bf16 = LLM(model=path, device="cpu", dtype="bfloat16")
-        assert all(type(m.method) is CpuPackedLinearMethod and m.weight.is_mkldnn for m in _linears(bf16))
+        linears = _linears(bf16)
+        assert all(type(m.method) is CpuPackedLinearMethod for m in linears)
+        packs = CpuPackedLinearMethod.packs(torch.bfloat16)
+        assert all((m.weight_packed is not None) == packs or m.weight.is_mkldnn for m in linears)
         ref = LLM(model=path, device="cpu", dtype="bfloat16", reference_ops=True)
         params = SamplingParams(max_tokens=8, temperature=0)
         a = bf16.generate([{"prompt_token_ids": [5, 9, 13, 2]}], params)[0].outputs[0].token_ids

@@ -1,70 +1,125 @@
-"""Float linears on CPU with weights pre-packed once at load for oneDNN.
+"""Float linears on CPU: few rows through the plugin's C kernel, many through oneDNN on packed weights.
 
-``F.linear`` on CPU hands every call to the BLAS library, which re-lays the ``[out, in]``
-weight into its blocked format on each call; at decode's small batch sizes (M = 1..64
-rows) that repacking costs more than the multiply, and the layer linears of a decode step
-run at a fraction of the GEMM's speed. This method reorders each weight into oneDNN's
-blocked layout once, in ``process_weights_after_loading``, keeps only that packed copy,
-and multiplies with oneDNN's inner product (``torch.ops.mkldnn``), whose bias add is fused.
+Two kernels, picked per call by the number of rows M:
 
-float32, and bfloat16 where oneDNN has bfloat16 kernels for this CPU (AVX512-BF16, AMX);
-float16 keeps ``F.linear``. Stacks of experts keep the plain weight (the fused MoE kernel
-reads it as it is).
+* M <= :data:`tokenmill_cpu.native_linear.MAX_ROWS` (decode): the C kernel of
+  :mod:`tokenmill_cpu.native_linear` streams the ``[out, in]`` weight once, in the checkpoint's
+  layout, at close to the box's read bandwidth;
+* larger M (prefill, big batches): oneDNN's inner product (``torch.ops.mkldnn``, bias add fused)
+  on a copy of the weight reordered once into oneDNN's blocked layout at load, in
+  ``process_weights_after_loading``. ``F.linear`` would re-lay the weight on every call, which
+  costs 15-30% of a prefill GEMM's speed.
+
+Keeping both layouts doubles the float linears' memory, so the packed copy is made only while
+the copies made so far stay within :data:`PACKED_COPY_SHARE` of the host's available memory
+(measured at the first layer); past it a layer's large-M calls use ``F.linear``. Without the C
+kernel (no compiler, ``TOKENMILL_CPU_NATIVE=0``) only the packed copy is kept, for every M.
+
+float32, and bfloat16 (the C kernel widens it; oneDNN packs it where it has bfloat16 kernels for
+this CPU: AVX512-BF16, AMX); float16 keeps ``F.linear``. Stacks of experts keep the plain weight
+(the fused MoE kernel reads it as it is).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from tokenmill.platform import host_memory_info
 from tokenmill.quant.params import expert_view
 from tokenmill.quant.unquantized import UnquantizedMethod
+
+from tokenmill_cpu import native, native_linear
+from tokenmill_cpu.threads import configure_threads
+
+#: Largest share of the host's available memory (at load) that packed copies may take while
+#: the plain weights are kept for the small-row kernel.
+PACKED_COPY_SHARE = 0.25
 
 
 def _ops():
     return getattr(torch.ops, "mkldnn", None)
 
 
-class CpuPackedLinearMethod(UnquantizedMethod):
-    """Unquantized float32/bfloat16 linears on CPU: oneDNN-packed weights, fused bias."""
+def _onednn_ok() -> bool:
+    ops = _ops()
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
 
-    name = "none-onednn-packed"
+
+def _onednn_bf16() -> bool:
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bf16 is not None and bool(bf16())
+
+
+class CpuPackedLinearMethod(UnquantizedMethod):
+    """Unquantized float32/bfloat16 linears on CPU: C kernel for few rows, oneDNN-packed weights for many."""
+
+    name = "none-cpu-rows-onednn"
     device_types = ("cpu",)
     priority = 10
 
     @classmethod
     def available(cls, platform) -> str | None:
-        if not torch.backends.mkldnn.is_available():
-            return "this torch is built without oneDNN (mkldnn)"
-        ops = _ops()
-        missing = [op for op in ("_reorder_linear_weight", "_linear_pointwise") if not hasattr(ops, op)]
-        return f"this torch lacks torch.ops.mkldnn.{', '.join(missing)}" if missing else None
+        if _onednn_ok() or native.library() is not None:
+            return None
+        return f"this torch has no usable oneDNN (mkldnn) and the cpu plugin's C kernels: {native.status()}"
 
     def __init__(self, fmt: str = "none", quant_config: dict | None = None, dtype=None):
         super().__init__(fmt, quant_config, dtype)
         if dtype is not None and dtype not in self.dtypes():
-            raise ValueError(f"oneDNN weight packing serves {', '.join(map(str, self.dtypes()))} on this CPU, "
-                             f"not {dtype}")
+            raise ValueError(f"the cpu linears serve {', '.join(map(str, self.dtypes()))} on this CPU, not {dtype}")
+        self.lib = native.library()
+        self.num_threads = configure_threads()
+        self._copy_budget: int | None = None
 
     @staticmethod
-    def dtypes() -> tuple:
-        """The dtypes packed here: float32, and bfloat16 where oneDNN has bfloat16 kernels for this CPU."""
-        bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+    def packs(dtype) -> bool:
+        """Whether oneDNN packs weights of ``dtype`` here: float32, and bfloat16 where it has bfloat16 kernels."""
+        return _onednn_ok() and (dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16()))
+
+    @classmethod
+    def dtypes(cls) -> tuple:
+        """The dtypes served: those oneDNN packs, and those the C kernel computes (when it is built)."""
+        rows = native.library() is not None
+        return tuple(d for d in (torch.float32, torch.bfloat16)
+                     if cls.packs(d) or (rows and native_linear.supports(d)))
 
     def describe(self) -> str:
-        return f"{self.dtype}, weights packed for oneDNN at load"
+        rows = f"C kernel up to {native_linear.MAX_ROWS} rows, " if self.lib is not None else ""
+        big = "oneDNN on weights packed at load" if self.packs(self.dtype) else "F.linear"
+        return f"{self.dtype}, {rows}{big} above"
 
     def process_weights_after_loading(self, layer) -> None:
         w = layer.weight
         if w.dim() != 2 or w.device.type != "cpu" or w.dtype != self.dtype:
             return
+        layer.weight_packed = None
+        if not self.packs(w.dtype):
+            if self.lib is not None and not w.is_contiguous():
+                layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
+            return
         packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
-        # Replacing the parameter drops the checkpoint layout: the packed copy is the only one.
-        layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+        if self.lib is None:  # oneDNN serves every M: the packed copy is the only one
+            layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+            return
+        if self._copy_budget is None:
+            self._copy_budget = int(host_memory_info().free * PACKED_COPY_SHARE)
+        size = w.numel() * w.element_size()
+        if size <= self._copy_budget:
+            self._copy_budget -= size
+            layer.weight_packed = packed
+        if not w.is_contiguous():
+            layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
 
     def apply(self, layer, x, bias=None, expert=None):
         w = layer.weight
-        if not w.is_mkldnn:  # an expert stack or a weight the method left as loaded
-            return F.linear(x, expert_view(w, expert), bias)
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-
+        if w.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        if expert is None and self.lib is not None and w.dim() == 2:
+            y = native_linear.linear(self.lib, x, w, bias, self.num_threads)
+            if y is not None:
+                return y
+        packed = getattr(layer, "weight_packed", None)
+        if packed is not None and expert is None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return F.linear(x, expert_view(w, expert), bias)

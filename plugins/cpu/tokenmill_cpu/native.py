@@ -1,5 +1,6 @@
 """Small C kernels for the cpu platform, built with the system compiler: decode attention over
-the paged KV cache here, and the block's elementwise ops (:mod:`tokenmill_cpu.native_ops`).
+the paged KV cache here, the block's elementwise ops (:mod:`tokenmill_cpu.native_ops`) and
+linears with few rows (:mod:`tokenmill_cpu.native_linear`).
 
 Decode attention is memory bound: every step reads each sequence's whole K/V context.
 Torch can only get there through a gather (copy the pages into a padded batch, then
@@ -27,7 +28,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tokenmill_cpu import native_ops
+from tokenmill_cpu import native_linear, native_ops
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ void paged_decode_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
 }
 """
 
-SOURCE = ATTENTION_SOURCE + native_ops.SOURCE
+SOURCE = ATTENTION_SOURCE + native_ops.SOURCE + native_linear.SOURCE
 
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_DISABLE = "TOKENMILL_CPU_NATIVE"
@@ -393,7 +394,7 @@ def load():
             return None
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if compiler is None:
-            _status = "no C compiler (cc, gcc or clang) on PATH; decode attention and the block's elementwise ops use the torch paths"
+            _status = "no C compiler (cc, gcc or clang) on PATH; decode attention, the block's elementwise ops and small linears use the torch paths"
             log.warning("tokenmill-cpu: %s", _status)
             return None
         try:
@@ -405,11 +406,11 @@ def load():
                 fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32,
                                i32]
                 fn.restype = None
-            for name, argtypes in native_ops.SIGNATURES.items():
+            for name, argtypes in {**native_ops.SIGNATURES, **native_linear.SIGNATURES}.items():
                 getattr(lib, name).argtypes = argtypes
                 getattr(lib, name).restype = native_ops.RESTYPES.get(name)
         except Exception as exc:  # noqa: BLE001 - any build or load problem means: use the torch path
-            _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention and the block's elementwise ops use the torch paths"
+            _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention, the block's elementwise ops and small linears use the torch paths"
             log.warning("tokenmill-cpu: %s", _status)
             return None
         _lib = lib
