@@ -59,6 +59,7 @@ def test_row_kernel_declines_what_it_does_not_serve():
     assert native_linear.linear(lib, torch.randn(native_linear.MAX_ROWS + 1, 32), w, None, 1) is None
     assert native_linear.linear(lib, torch.randn(2, 32).to(torch.bfloat16), w, None, 1) is None  # dtypes differ
     assert native_linear.linear(lib, torch.randn(32, 2).t(), w, None, 1) is None  # columns not contiguous
+    assert native_linear.linear(lib, torch.randn(2, 32), torch.randn(32, 16).t(), None, 1) is None  # weight strided
     assert native_linear.linear(lib, torch.randn(2, 32), w, torch.randn(16).to(torch.bfloat16), 1) is None
     assert not native_linear.supports(torch.float16)
 

@@ -93,23 +93,21 @@ class CpuPackedLinearMethod(UnquantizedMethod):
         w = layer.weight
         if w.dim() != 2 or w.device.type != "cpu" or w.dtype != self.dtype:
             return
+        if not w.is_contiguous():  # the row kernel reads the rows in place
+            layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
+        w = layer.weight.detach()
         layer.weight_packed = None
         if not self.packs(w.dtype):
-            if self.lib is not None and not w.is_contiguous():
-                layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
             return
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
         if self.lib is None:  # oneDNN serves every M: the packed copy is the only one
-            layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+            layer.weight = torch.nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w), requires_grad=False)
             return
         if self._copy_budget is None:
             self._copy_budget = int(host_memory_info().free * PACKED_COPY_SHARE)
         size = w.numel() * w.element_size()
-        if size <= self._copy_budget:
+        if size <= self._copy_budget:  # packed only when kept
             self._copy_budget -= size
-            layer.weight_packed = packed
-        if not w.is_contiguous():
-            layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
+            layer.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w)
 
     def apply(self, layer, x, bias=None, expert=None):
         w = layer.weight

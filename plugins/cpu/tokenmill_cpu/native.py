@@ -408,7 +408,7 @@ def load():
                 fn.restype = None
             for name, argtypes in {**native_ops.SIGNATURES, **native_linear.SIGNATURES}.items():
                 getattr(lib, name).argtypes = argtypes
-                getattr(lib, name).restype = native_ops.RESTYPES.get(name)
+                getattr(lib, name).restype = {**native_ops.RESTYPES, **native_linear.RESTYPES}.get(name)
         except Exception as exc:  # noqa: BLE001 - any build or load problem means: use the torch path
             _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention, the block's elementwise ops and small linears use the torch paths"
             log.warning("tokenmill-cpu: %s", _status)

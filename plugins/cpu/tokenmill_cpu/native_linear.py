@@ -28,6 +28,7 @@ import torch
 #: Most rows served by the kernel; a linear with more goes to oneDNN (or ``F.linear``).
 MAX_ROWS = 32
 
+#: Compiled after :data:`tokenmill_cpu.native_ops.SOURCE`, whose ``bf16_ld`` / ``bf16_round`` it uses.
 SOURCE = r"""
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for few rows m. w row-major [N, K]; x rows and
    y rows with strides xs / ys. Tiles of GV_NR output features: the tile's weights are read
@@ -42,19 +43,6 @@ typedef float gv_vf __attribute__((vector_size(GV_LANES * 4)));
 typedef float gv_vfu __attribute__((vector_size(GV_LANES * 4), aligned(4)));
 typedef uint32_t gv_vu __attribute__((vector_size(GV_LANES * 4)));
 typedef uint32_t gv_vuu __attribute__((vector_size(GV_LANES * 4), aligned(2)));
-
-static inline float gv_bf16(uint16_t h) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)h << 16;
-    return c.f;
-}
-
-static inline uint16_t gv_round_bf16(float f) {
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
 
 static inline float gv_sum(gv_vf v) {
     float t = 0.0f;
@@ -109,9 +97,9 @@ static inline void gv_tile_bf16(const float *xp, int M, const uint16_t *w, const
         }
         for (int r = 0; r < nr; r++) {
             float v = gv_sum(a[r]);
-            for (int k = kv; k < K; k++) v += xm[k] * gv_bf16(w[(n0 + r) * K + k]);
-            if (bias) v += gv_bf16(bias[n0 + r]);
-            y[(int64_t)m * ys + n0 + r] = gv_round_bf16(v);
+            for (int k = kv; k < K; k++) v += xm[k] * bf16_ld(w, (n0 + r) * K + k);
+            if (bias) v += bf16_ld(bias, n0 + r);
+            y[(int64_t)m * ys + n0 + r] = bf16_round(v);
         }
     }
 }
@@ -130,24 +118,26 @@ void linear_rows_f32(const float *x, int64_t xs, const float *w, const float *bi
     GV_TILES(gv_tile_f32(x, xs, M, w, bias, y, ys, n0, nr, K))
 }
 
-/* bfloat16 rows are widened once into scratch (M x K floats: at most a few hundred KiB). */
-void linear_rows_bf16(const uint16_t *x, int64_t xs, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+/* bfloat16 rows are widened once into scratch (M x K floats: at most a few hundred KiB);
+   returns -1 when that scratch cannot be allocated (y is then not written), else 0. */
+int linear_rows_bf16(const uint16_t *x, int64_t xs, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                       int64_t ys, int M, int N, int K, int nthreads) {
     float *xp = (float *)malloc(sizeof(float) * (size_t)M * (size_t)K);
-    if (!xp) return;
+    if (!xp) return -1;
     const int kv = K - K % (2 * GV_LANES);
     for (int m = 0; m < M; m++) {
         const uint16_t *xm = x + (int64_t)m * xs;
         float *dst = xp + (int64_t)m * K;
         for (int k = 0; k < kv; k += 2 * GV_LANES)
             for (int j = 0; j < GV_LANES; j++) {
-                dst[k + j] = gv_bf16(xm[k + 2 * j]);
-                dst[k + GV_LANES + j] = gv_bf16(xm[k + 2 * j + 1]);
+                dst[k + j] = bf16_ld(xm, k + 2 * j);
+                dst[k + GV_LANES + j] = bf16_ld(xm, k + 2 * j + 1);
             }
-        for (int k = kv; k < K; k++) dst[k] = gv_bf16(xm[k]);
+        for (int k = kv; k < K; k++) dst[k] = bf16_ld(xm, k);
     }
     GV_TILES(gv_tile_bf16(xp, M, w, bias, y, ys, n0, nr, K))
     free(xp);
+    return 0;
 }
 """
 
@@ -155,6 +145,8 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: C function name -> ctypes argument types (set on the library by :func:`tokenmill_cpu.native.load`).
 SIGNATURES = {name: [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32, _I32]
               for name in ("linear_rows_f32", "linear_rows_bf16")}
+#: C function name -> ctypes return type, for those that return one.
+RESTYPES = {"linear_rows_bf16": _I32}
 _NAMES = {torch.float32: "linear_rows_f32", torch.bfloat16: "linear_rows_bf16"}
 _FNS: dict = {}  # (library, dtype) -> its C function
 
@@ -172,7 +164,7 @@ def linear(lib, x, weight, bias, num_threads: int):
     k = x.shape[-1]
     x2 = x.reshape(-1, k) if x.dim() != 2 else x
     m = x2.shape[0]
-    if m > MAX_ROWS or x2.stride(-1) != 1 or x.dtype != weight.dtype:
+    if m > MAX_ROWS or x2.stride(-1) != 1 or x.dtype != weight.dtype or not weight.is_contiguous():
         return None
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return None
@@ -184,6 +176,7 @@ def linear(lib, x, weight, bias, num_threads: int):
         fn = _FNS[key] = getattr(lib, _NAMES[x.dtype])
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype)
-    fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
-       m, n, k, num_threads)
+    if fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+          m, n, k, num_threads):
+        raise MemoryError(f"no memory for the {m} x {k} float32 scratch of a bfloat16 linear")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
