@@ -29,25 +29,29 @@ def _lib():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 300])
 @pytest.mark.parametrize("n, k, bias", [(64, 128, False), (37, 72, True), (520, 1040, False)])
 def test_row_kernel_matches_f_linear(dtype, rows, n, k, bias):
     """Tiles of 8 outputs with a remainder (37), a K that is not a multiple of the vector width (72),
-    a bias, and rows read through a stride wider than K."""
+    a bias, rows read through a stride wider than K, rows in bfloat16 pairs with an odd one left
+    (3), and more rows than one widened panel of 256 (300, without a row limit)."""
     from tokenmill_cpu import native_linear
 
+    if rows > native_linear.MAX_ROWS and (dtype == torch.float32 or n == 520):
+        pytest.skip("many rows are a bfloat16 path; one large shape is enough")
     lib = _lib()
     gen = torch.Generator().manual_seed(rows * 1000 + n)
     wide = torch.randn(rows, k + 5, generator=gen).to(dtype)
     x = wide[:, :k]  # row stride k + 5
     w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
-    got = native_linear.linear(lib, x, w, b, torch.get_num_threads())
+    limit = 0 if rows > native_linear.MAX_ROWS else None
+    got = native_linear.linear(lib, x, w, b, torch.get_num_threads(), limit)
     assert got is not None and got.dtype == dtype and got.shape == (rows, n)
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
     assert float((got.float() - want).abs().max() / want.abs().max()) < tol
-    three_d = native_linear.linear(lib, x.contiguous().view(1, rows, k), w, b, 1)  # [..., K] inputs, one thread
+    three_d = native_linear.linear(lib, x.contiguous().view(1, rows, k), w, b, 1, limit)  # [..., K], one thread
     assert torch.equal(three_d.view(rows, n), got)
 
 
@@ -57,6 +61,7 @@ def test_row_kernel_declines_what_it_does_not_serve():
     lib = _lib()
     w = torch.randn(16, 32)
     assert native_linear.linear(lib, torch.randn(native_linear.MAX_ROWS + 1, 32), w, None, 1) is None
+    assert native_linear.linear(lib, torch.randn(5, 32), w, None, 1, max_rows=4) is None
     assert native_linear.linear(lib, torch.randn(2, 32).to(torch.bfloat16), w, None, 1) is None  # dtypes differ
     assert native_linear.linear(lib, torch.randn(32, 2).t(), w, None, 1) is None  # columns not contiguous
     assert native_linear.linear(lib, torch.randn(2, 32), torch.randn(32, 16).t(), None, 1) is None  # weight strided
@@ -138,3 +143,37 @@ def test_bfloat16_is_served_and_float16_keeps_f_linear():
         assert len(a) == len(b) == 8 and a[0] == b[0]  # bf16 rounding may part them later, never at once
     llm = LLM(model=path, device="cpu", dtype="float16")
     assert all(type(m.method) is UnquantizedMethod and not m.weight.is_mkldnn for m in _linears(llm))
+
+
+@pytest.mark.parametrize("onednn_bf16", [False, True])
+def test_bfloat16_rows_limit_follows_onednn(onednn_bf16, monkeypatch):
+    """Without oneDNN bfloat16 kernels the C kernel takes every M (F.linear is the slower choice);
+    with them, many rows go to oneDNN's packed copy as in float32."""
+    from tokenmill_cpu import linear as cpu_linear
+    from tokenmill_cpu import native_linear
+
+    _lib()
+    if onednn_bf16 and not cpu_linear._onednn_bf16():
+        pytest.skip("this CPU has no oneDNN bfloat16 kernels")
+    monkeypatch.setattr(cpu_linear, "_onednn_bf16", lambda: onednn_bf16)
+    method = cpu_linear.CpuPackedLinearMethod(dtype=torch.bfloat16)
+    layer = torch.nn.Module()
+    w = (torch.randn(24, 40) * 0.1).bfloat16()
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    method.process_weights_after_loading(layer)
+    assert (layer.weight_packed is not None) == onednn_bf16
+    served = []
+    real = native_linear.linear
+
+    def spy(*args):
+        y = real(*args)
+        served.append(y is not None)
+        return y
+
+    monkeypatch.setattr(cpu_linear.native_linear, "linear", spy)
+    x = torch.randn(native_linear.MAX_ROWS + 9, 40).bfloat16()
+    got = method.apply(layer, x)
+    want = F.linear(x.float(), w.float())
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 1e-2
+    assert served == [not onednn_bf16]
+    assert (method.describe().endswith("(no oneDNN bfloat16 kernels on this CPU)")) == (not onednn_bf16)
