@@ -30,8 +30,11 @@ import torch
 #: Most rows served by the kernel; a linear with more goes to oneDNN (or ``F.linear``).
 MAX_ROWS = 32
 
+#: bfloat16 rows widened to float32 at a time (the kernel's scratch is at most this many rows).
+PANEL_ROWS = 256
+
 #: Compiled after :data:`tokenmill_cpu.native_ops.SOURCE`, whose ``bf16_ld`` / ``bf16_round`` it uses.
-SOURCE = r"""
+SOURCE = f"#define GV_PANEL {PANEL_ROWS}\n" + r"""
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for few rows m. w row-major [N, K]; x rows and
    y rows with strides xs / ys. Tiles of GV_NR output features: the tile's weights are read
    from memory once, then reused from L1 for every row. */
@@ -103,9 +106,8 @@ static inline void NAME(const float *xp, const uint16_t *w, const uint16_t *bias
 }
 
 /* bfloat16 pairs rows: the widening (a shift and a mask per weight vector) is then shared by
-   two rows' FMAs, 1.1x / 1.35x faster at 8 / 32 rows on the Zen 3 box. In float32 pairing
-   measured 0.72-0.85x (the weight loads it saves were not the limit), so float32 takes one row
-   at a time. Outputs per pair: what the vector registers hold (AVX2 has 16, AVX-512 32). */
+   two rows' FMAs (figures in the module docstring). In float32 pairing measured 0.72-0.85x (the
+   weight loads it saves were not the limit), so float32 takes one row at a time. Outputs per pair: what the vector registers hold (AVX2 has 16, AVX-512 32). */
 #ifdef __AVX512F__
 #define GV_NB2 8
 #else
@@ -167,7 +169,6 @@ void linear_rows_f32(const float *x, int64_t xs, const float *w, const float *bi
 /* bfloat16 rows are widened into scratch, GV_PANEL rows at a time (at most GV_PANEL x K floats,
    1 MiB for K = 1024), each panel then run through every tile; returns -1 when that scratch
    cannot be allocated (y is then not written), else 0. */
-#define GV_PANEL 256
 int linear_rows_bf16(const uint16_t *x, int64_t xs, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                       int64_t ys, int M, int N, int K, int nthreads) {
     float *xp = (float *)malloc(sizeof(float) * (size_t)(M < GV_PANEL ? M : GV_PANEL) * (size_t)K);
@@ -232,5 +233,5 @@ def linear(lib, x, weight, bias, num_threads: int, max_rows: int | None = None):
     y = torch.empty((m, n), dtype=x.dtype)
     if fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
           m, n, k, num_threads):
-        raise MemoryError(f"no memory for the {min(m, 256)} x {k} float32 scratch of a bfloat16 linear")
+        raise MemoryError(f"no memory for the {min(m, PANEL_ROWS)} x {k} float32 scratch of a bfloat16 linear")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
