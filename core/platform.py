@@ -126,7 +126,11 @@ class Platform:
     def wrap_model(self, model):
         """Return the model to run: called once by the model runner, after the weights are
         loaded on :meth:`device` and before the KV cache is allocated. A platform may compile
-        or trace it here; the default runs it as it is."""
+        or trace it here; the default runs it as it is. A platform that gives some steps a
+        path of its own that bypasses the model's modules sets ``model.fused_decode`` to the
+        object serving them, whose ``run(input_ids, positions, kv_caches, meta)`` returns the
+        hidden states or None (the modules serve the step): ``tokenmill bench profile`` times
+        it as one component."""
         return model
 
     def inference_mode(self):

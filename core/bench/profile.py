@@ -110,6 +110,9 @@ def instrument(engine, timer: _Timer) -> None:
         def head_flops(hidden):
             return 2.0 * hidden.shape[0] * model.lm_head.weight.shape[1] * model.lm_head.weight.shape[0]
         model.compute_logits = timer.wrap("lm_head", model.compute_logits, head_flops)
+    fused = getattr(model, "fused_decode", None)  # a platform's own path for some steps (Platform.wrap_model)
+    if fused is not None:
+        fused.run = timer.wrap("fused decode layers", fused.run)
     model.forward = timer.wrap("forward", model.forward)
     runner._sample = timer.wrap("sampling", runner._sample)
     runner._build = timer.wrap("build inputs", runner._build)

@@ -115,13 +115,17 @@ class CpuPackedLinearMethod(UnquantizedMethod):
             self._copy_budget -= size
             layer.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w)
 
+    def row_limit(self, dtype) -> int:
+        """Most rows the C kernel takes for weights of ``dtype`` (0: every row count)."""
+        rows = self._bf16_rows if dtype == torch.bfloat16 else None
+        return native_linear.MAX_ROWS if rows is None else rows
+
     def apply(self, layer, x, bias=None, expert=None):
         w = layer.weight
         if w.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         if expert is None and self.lib is not None and w.dim() == 2:
-            y = native_linear.linear(self.lib, x, w, bias, self.num_threads,
-                                     self._bf16_rows if w.dtype == torch.bfloat16 else None)
+            y = native_linear.linear(self.lib, x, w, bias, self.num_threads, self.row_limit(w.dtype))
             if y is not None:
                 return y
         packed = getattr(layer, "weight_packed", None)

@@ -28,7 +28,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tokenmill_cpu import native_linear, native_ops
+from tokenmill_cpu import native_decoder, native_linear, native_ops
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ void paged_decode_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_ca
 }
 """
 
-SOURCE = ATTENTION_SOURCE + native_ops.SOURCE + native_linear.SOURCE
+SOURCE = ATTENTION_SOURCE + native_ops.SOURCE + native_linear.SOURCE + native_decoder.SOURCE
 
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_DISABLE = "TOKENMILL_CPU_NATIVE"
@@ -406,9 +406,11 @@ def load():
                 fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32,
                                i32]
                 fn.restype = None
-            for name, argtypes in {**native_ops.SIGNATURES, **native_linear.SIGNATURES}.items():
+            parts = (native_ops, native_linear, native_decoder)
+            restypes = {name: t for part in parts for name, t in part.RESTYPES.items()}
+            for name, argtypes in {name: a for part in parts for name, a in part.SIGNATURES.items()}.items():
                 getattr(lib, name).argtypes = argtypes
-                getattr(lib, name).restype = {**native_ops.RESTYPES, **native_linear.RESTYPES}.get(name)
+                getattr(lib, name).restype = restypes.get(name)
         except Exception as exc:  # noqa: BLE001 - any build or load problem means: use the torch path
             _status = f"native kernel unavailable ({type(exc).__name__}: {exc}); decode attention, the block's elementwise ops and small linears use the torch paths"
             log.warning("tokenmill-cpu: %s", _status)

@@ -83,6 +83,14 @@ class CpuPlatform(Platform):
                         text, mem.free / (1 << 30))
         return budget
 
+    def wrap_model(self, model):
+        """Give Llama-family models the one-call decode step (:mod:`tokenmill_cpu.fused_decode`) where it applies."""
+        from tokenmill_cpu.fused_decode import install
+
+        why = install(model)
+        log.info("tokenmill-cpu: decode steps %s", "in one C call" if why is None else f"per op ({why})")
+        return model
+
     def describe(self) -> dict:
         physical, isa = read_cpuinfo()
         facts: dict = {
