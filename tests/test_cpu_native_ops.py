@@ -6,7 +6,7 @@ import torch
 
 from tokenmill.attention.reference import gqa_attention
 from tokenmill.ops import reference
-from tokenmill_cpu import native, native_ops, ops
+from tokenmill_cpu import native, native_attention, native_ops, ops
 
 lib = native.library()
 pytestmark = pytest.mark.skipif(lib is None, reason=f"native kernels not built here: {native.status()}")
@@ -88,7 +88,8 @@ def test_decode_attention_matches_reference(heads, kv_heads, head, window, dtype
     rows = torch.tensor([4, 0, 2, 1, 3])  # decode rows in any order
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     for threads in (1, 2):
-        native.paged_decode(q, k_cache, v_cache, tables, seq_lens, rows, out, head ** -0.5, window or None, threads)
+        native_attention.paged_decode(lib, q, k_cache, v_cache, tables, seq_lens, rows, out, head ** -0.5,
+                                      window or None, threads)
         for s, n in enumerate(lens):
             pages = tables[s, :-(-n // bs)].to(torch.long)
             k = k_cache[pages].reshape(-1, kv_heads, head)[:n].float()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tokenmill.attention.interface import AttentionBackend, AttentionMetadata
 from tokenmill.attention.reference import gqa_attention
 
-from tokenmill_cpu import native
+from tokenmill_cpu import native, native_attention
 from tokenmill_cpu.threads import configure_threads
 
 
@@ -126,8 +126,8 @@ class CpuAttention(AttentionBackend):
         if self.native is not None and k_cache.dtype == q.dtype and q.dtype in (torch.float32, torch.bfloat16) \
                 and k_cache.is_contiguous():
             qc = q if q.stride(-1) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
-            native.paged_decode(qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens, plan.decode_rows,
-                                out, self.scale, window, self.num_threads)
+            native_attention.paged_decode(self.native, qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens,
+                                          plan.decode_rows, out, self.scale, window, self.num_threads)
             return
         bs, tables = plan.block_size, plan.decode_tables
         nseq, nb = tables.shape
