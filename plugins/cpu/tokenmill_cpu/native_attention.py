@@ -133,14 +133,14 @@ static inline __attribute__((always_inline)) void decode_task(
     }
 }
 
+/* The same task with vectors (AVX-512: 16 lanes, AVX2 with FMA: 8) for head sizes that are a multiple
+   of the lane count and groups of 1, 2, 4 or 8 query heads per KV head (the generic loops above reduce
+   one dot product at a time, element by element, and at decode's short contexts that costs more than
+   the memory they read). Each key row is loaded a vector at a time once for the G query heads of its
+   group; the softmax runs vectorised (exp: Cephes' single-precision polynomial, ~1 ulp). Results equal
+   the generic path's up to float32 summation order. The V* macros are the one ISA's vector ops. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-/* The same task with AVX-512 for head sizes that are a multiple of 16 and groups of 1, 2, 4 or 8
-   query heads per KV head (the generic loops above reduce one dot product at a time, element by
-   element, and at decode's short contexts that costs more than the memory they read). Each key row
-   is loaded 16 lanes at a time once for the G query heads of its group; the softmax runs vectorised
-   (exp: Cephes' single-precision polynomial, ~1 ulp). Results equal the generic path's up to
-   float32 summation order. */
 static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t i, const int bf16) {
     if (bf16) {
         const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
@@ -207,7 +207,123 @@ static void softmax512(float *sc, int n) {
     if (i < n) _mm512_mask_storeu_ps(sc + i, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + i), inv));
 }
 
-static inline __attribute__((always_inline)) void decode_task_512(
+
+typedef __m512 vecf;
+#define VL 16
+#define VLD(base, i, bf16) ld16((base), (i), (bf16))
+#define VLDU(p) _mm512_loadu_ps(p)
+#define VSTU(p, v) _mm512_storeu_ps((p), (v))
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(x) _mm512_set1_ps(x)
+#define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define VHSUM(v) _mm512_reduce_add_ps(v)
+#define VSOFTMAX(p, n) softmax512((p), (n))
+#define VEXP(x) exp512(x)
+#define VADD(a, b) _mm512_add_ps((a), (b))
+#define VSUB(a, b) _mm512_sub_ps((a), (b))
+#define VMUL(a, b) _mm512_mul_ps((a), (b))
+#define VDIV(a, b) _mm512_div_ps((a), (b))
+#define VRND_BF16(v) rnd16_bf16(v)
+#define VST_BF16(p, v) st16_bf16((p), (v))
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline __attribute__((always_inline)) __m256 ld8(const void *base, int64_t i, const int bf16) {
+    if (bf16) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
+/* bfloat16 bits of 8 floats in the low halves of 32-bit lanes: round to nearest even, NaN stays NaN */
+static inline __attribute__((always_inline)) __m256i bf16_bits8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+}
+
+static inline __attribute__((always_inline)) void st8_bf16(uint16_t *p, __m256 v) {
+    const __m256i b = bf16_bits8(v);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+/* v rounded to bfloat16 and widened back */
+static inline __attribute__((always_inline)) __m256 rnd8_bf16(__m256 v) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline __m256 exp256(__m256 x) {  /* saturates at exp(88.3) instead of overflowing */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n built in the exponent field: n lies in [-126, 127] after the clamps */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static void softmax256(float *sc, int n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(sc + i));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (int j = i; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + i), vmx));
+        _mm256_storeu_ps(sc + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum8(sum);
+    for (int j = i; j < n; j++) { sc[j] = expf(sc[j] - mx); total += sc[j]; }
+    const float inv = 1.0f / total;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(sc + i, _mm256_mul_ps(_mm256_loadu_ps(sc + i), vinv));
+    for (int j = i; j < n; j++) sc[j] *= inv;
+}
+
+typedef __m256 vecf;
+#define VL 8
+#define VLD(base, i, bf16) ld8((base), (i), (bf16))
+#define VLDU(p) _mm256_loadu_ps(p)
+#define VSTU(p, v) _mm256_storeu_ps((p), (v))
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(x) _mm256_set1_ps(x)
+#define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define VHSUM(v) hsum8(v)
+#define VSOFTMAX(p, n) softmax256((p), (n))
+#define VEXP(x) exp256(x)
+#define VADD(a, b) _mm256_add_ps((a), (b))
+#define VSUB(a, b) _mm256_sub_ps((a), (b))
+#define VMUL(a, b) _mm256_mul_ps((a), (b))
+#define VDIV(a, b) _mm256_div_ps((a), (b))
+#define VRND_BF16(v) rnd8_bf16(v)
+#define VST_BF16(p, v) st8_bf16((p), (v))
+#endif
+
+#ifdef VL
+static inline __attribute__((always_inline)) void decode_task_vec(
         int task, int split, const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
         const int64_t *q_rows, void *out, int64_t out_stride,
@@ -225,7 +341,7 @@ static inline __attribute__((always_inline)) void decode_task_512(
     const int qn = nh * G * D;
     float *qbuf = bf16 ? (float *)malloc(sizeof(float) * (size_t)qn) : NULL;
     if (bf16)
-        for (int i = 0; i < qn; i += 16) _mm512_storeu_ps(qbuf + i, ld16(q, q_off + i, 1));
+        for (int i = 0; i < qn; i += VL) VSTU(qbuf + i, VLD(q, q_off + i, 1));
     const float *qs = bf16 ? qbuf : (const float *)q + q_off;
     float *scores = (float *)malloc(sizeof(float) * (size_t)nh * G * (size_t)n);
     int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);  /* cache offset of each key, head 0 */
@@ -242,49 +358,48 @@ static inline __attribute__((always_inline)) void decode_task_512(
         for (int h = 0; h < nh; h++) {
             const float *qh = qs + (int64_t)h * G * D;
             const int64_t kp = rows[i] + (int64_t)(h0 + h) * D;
-            __m512 acc[8];
-            for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
-            for (int c = 0; c < D; c += 16) {
-                const __m512 kc = ld16(k_cache, kp + c, bf16);
-                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + (int64_t)g * D + c), kc, acc[g]);
+            vecf acc[8];
+            for (int g = 0; g < G; g++) acc[g] = VZERO();
+            for (int c = 0; c < D; c += VL) {
+                const vecf kc = VLD(k_cache, kp + c, bf16);
+                for (int g = 0; g < G; g++) acc[g] = VFMA(VLDU(qh + (int64_t)g * D + c), kc, acc[g]);
             }
-            for (int g = 0; g < G; g++) scores[(int64_t)(h * G + g) * n + i] = _mm512_reduce_add_ps(acc[g]) * scale;
+            for (int g = 0; g < G; g++) scores[(int64_t)(h * G + g) * n + i] = VHSUM(acc[g]) * scale;
         }
     }
-    for (int r = 0; r < rowsn; r++) softmax512(scores + (int64_t)r * n, n);
+    for (int r = 0; r < rowsn; r++) VSOFTMAX(scores + (int64_t)r * n, n);
     float *acc = (float *)calloc((size_t)rowsn * (size_t)D, sizeof(float));
     for (int i = 0; i < n; i++) {
         for (int h = 0; h < nh; h++) {
             const int64_t vp = rows[i] + (int64_t)(h0 + h) * D;
-            for (int c = 0; c < D; c += 16) {
-                const __m512 vc = ld16(v_cache, vp + c, bf16);
+            for (int c = 0; c < D; c += VL) {
+                const vecf vc = VLD(v_cache, vp + c, bf16);
                 for (int g = 0; g < G; g++) {
                     float *a = acc + (int64_t)(h * G + g) * D + c;
-                    _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[(int64_t)(h * G + g) * n + i]), vc,
-                                                        _mm512_loadu_ps(a)));
+                    VSTU(a, VFMA(VSET1(scores[(int64_t)(h * G + g) * n + i]), vc, VLDU(a)));
                 }
             }
         }
     }
-    for (int j = 0; j < rowsn * D; j += 16) {
-        if (bf16) st16_bf16((uint16_t *)out + o_off + j, _mm512_loadu_ps(acc + j));
-        else _mm512_storeu_ps((float *)out + o_off + j, _mm512_loadu_ps(acc + j));
-    }
+    if (bf16)
+        for (int j = 0; j < rowsn * D; j++) ((uint16_t *)out)[o_off + j] = attn_bf16_round(acc[j]);
+    else
+        memcpy((float *)out + o_off, acc, sizeof(float) * (size_t)rowsn * D);
     free(acc);
     free(rows);
     free(scores);
     free(qbuf);
 }
 
-#define TASK_512(BF16, GG) decode_task_512(task, split, q, q_stride, k_cache, v_cache, block_tables, bt_stride, \
+#define TASK_VEC(BF16, GG) decode_task_vec(task, split, q, q_stride, k_cache, v_cache, block_tables, bt_stride, \
                                            seq_lens, q_rows, out, out_stride, H, Hk, D, bs, scale, window, BF16, GG)
 #define DECODE_TASK(BF16, QBF16)                                                                       \
-    if (D % 16 == 0) {                                                                                 \
+    if (D % VL == 0) {                                                                                 \
         switch (H / Hk) {                                                                              \
-            case 1: TASK_512(BF16, 1); continue;                                                       \
-            case 2: TASK_512(BF16, 2); continue;                                                       \
-            case 4: TASK_512(BF16, 4); continue;                                                       \
-            case 8: TASK_512(BF16, 8); continue;                                                       \
+            case 1: TASK_VEC(BF16, 1); continue;                                                       \
+            case 2: TASK_VEC(BF16, 2); continue;                                                       \
+            case 4: TASK_VEC(BF16, 4); continue;                                                       \
+            case 8: TASK_VEC(BF16, 8); continue;                                                       \
             default: break;                                                                            \
         }                                                                                              \
     }                                                                                                  \

@@ -109,17 +109,16 @@ DEFINE_OPS(f32, float, F32_LD, F32_ST, F32_R)
 DEFINE_OPS(bf16, uint16_t, BF16_LD, BF16_ST, BF16_R)
 
 /* SwiGLU's activation: out = silu(x[:I]) * x[I:] per row, silu(a) = a / (1 + exp(-a)); bfloat16 rounds
-   the activation and then the product, as the reference's two bfloat16 ops do. With AVX-512, 16 lanes
-   at a time (exp: the decode-attention kernel's polynomial). */
+   the activation and then the product, as the reference's two bfloat16 ops do. With AVX-512 or AVX2, a
+   vector at a time (exp and the V* ops: the decode-attention kernel's). */
 static inline __attribute__((always_inline)) void silu_mul_row(const void *x, void *o, int I, const int bf16) {
     int i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= I; i += 16) {
-        const __m512 a = ld16(x, i, bf16), u = ld16(x, (int64_t)I + i, bf16);
-        const __m512 one = _mm512_set1_ps(1.0f);
-        __m512 act = _mm512_div_ps(a, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-        if (bf16) st16_bf16((uint16_t *)o + i, _mm512_mul_ps(rnd16_bf16(act), u));
-        else _mm512_storeu_ps((float *)o + i, _mm512_mul_ps(act, u));
+#ifdef VL
+    for (; i + VL <= I; i += VL) {
+        const vecf a = VLD(x, i, bf16), u = VLD(x, (int64_t)I + i, bf16);
+        const vecf act = VDIV(a, VADD(VSET1(1.0f), VEXP(VSUB(VZERO(), a))));
+        if (bf16) VST_BF16((uint16_t *)o + i, VMUL(VRND_BF16(act), u));
+        else VSTU((float *)o + i, VMUL(act, u));
     }
 #endif
     for (; i < I; i++) {
