@@ -399,9 +399,10 @@ def test_stream_disconnect_frees_blocks(server):
 def test_non_stream_disconnect_frees_blocks(server):
     wait_for(lambda: _engine_idle(server.url))
     before = metrics(server.url)
+    # 250 decode steps of 8 sequences: several times the client's 0.1 s even with decode in one C call
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/completions", timeout=0.3,
-                   json={"model": MODEL, "prompt": "ab", "max_tokens": 250, "ignore_eos": True, "n": 4})
+        httpx.post(server.base_url + "/completions", timeout=0.1,
+                   json={"model": MODEL, "prompt": "ab", "max_tokens": 250, "ignore_eos": True, "n": 8})
     after = wait_for(lambda: _engine_idle(server.url))
     assert after["tokenmill:request_aborted_total"] == before.get("tokenmill:request_aborted_total", 0) + 1
 
