@@ -19,7 +19,6 @@ parallelism. ``TOKENMILL_CPU_FUSED_DECODE=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 
 import torch
@@ -27,7 +26,6 @@ import torch
 from tokenmill_cpu import native
 from tokenmill_cpu.native_decoder import Layer, Stack
 
-log = logging.getLogger(__name__)
 ENV_DISABLE = "TOKENMILL_CPU_FUSED_DECODE"
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
