@@ -62,3 +62,14 @@ def test_install_says_why_not(monkeypatch):
     assert getattr(model, "fused_decode", None) is None
     monkeypatch.setenv(ENV_DISABLE, "0")
     assert install(model) == f"disabled by {ENV_DISABLE}=0"
+
+
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_quantized_linears_keep_the_per_op_forward(quantization):
+    """A quantized linear holds no float ``weight``: install names the method instead of crashing."""
+    llm = LLM(model=str(make_tiny_model("llama")), dtype="float32", quantization=quantization)
+    model = llm.engine.runner.model
+    assert "not the plugin's unquantized" in install(model)
+    assert getattr(model, "fused_decode", None) is None
+    out = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

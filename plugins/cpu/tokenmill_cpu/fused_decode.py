@@ -63,9 +63,9 @@ def _why_not(model) -> str | None:
         if not isinstance(attn.attn, CpuAttention) or attn.attn.native is None:
             return f"layer {i}'s attention backend is {type(attn.attn).__name__}, not the plugin's native one"
         for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            w, b = lin.weight, lin.bias
-            if not isinstance(lin.method, CpuPackedLinearMethod) or w.is_mkldnn or w.dim() != 2 \
-                    or w.dtype != ctx.dtype or not w.is_contiguous():
+            w, b = getattr(lin, "weight", None), getattr(lin, "bias", None)
+            if not isinstance(lin.method, CpuPackedLinearMethod) or not isinstance(w, torch.Tensor) \
+                    or w.is_mkldnn or w.dim() != 2 or w.dtype != ctx.dtype or not w.is_contiguous():
                 return f"layer {i}'s linears are not the plugin's unquantized {ctx.dtype} ones ({lin.method.describe()})"
             if b is not None and (b.dtype != ctx.dtype or not b.is_contiguous()):
                 return f"layer {i}'s linear bias is not contiguous {ctx.dtype}"
