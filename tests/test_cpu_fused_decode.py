@@ -5,7 +5,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.testing.tiny_models import make_tiny_model
-from tokenmill_cpu import native, native_linear
+from tokenmill_cpu import native, native_tiles
 from tokenmill_cpu.fused_decode import ENV_DISABLE, install
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler for the cpu plugin's kernels")
@@ -46,11 +46,11 @@ def test_fused_decode_with_prefix_caching_and_preemption(monkeypatch):
 
 
 def test_steps_past_the_row_kernel_run_per_op(monkeypatch):
-    """float32 decode batches above the row kernel's limit go to oneDNN, i.e. the per-op forward."""
+    """float32 decode batches above the tiled kernel's limit go to oneDNN, i.e. the per-op forward."""
     path = str(make_tiny_model("llama"))
-    prompts = [f"item {i}:" for i in range(native_linear.MAX_ROWS + 8)]
+    prompts = [f"item {i}:" for i in range(native_tiles.MAX_ROWS + 8)]
     fused, runner, _ = _run(path, "float32", monkeypatch, True, prompts, max_tokens=3)
-    assert runner.row_limit == native_linear.MAX_ROWS
+    assert runner.row_limit == native_tiles.MAX_ROWS
     assert runner.steps == 0
     assert fused == _run(path, "float32", monkeypatch, False, prompts, max_tokens=3)[0]
 

@@ -69,21 +69,60 @@ def test_row_kernel_declines_what_it_does_not_serve():
     assert not native_linear.supports(torch.float16)
 
 
-def test_float32_model_uses_both_paths_and_matches_f_linear():
-    from tokenmill_cpu import native_linear
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 64])
+@pytest.mark.parametrize("n, k, bias", [(64, 128, False), (37, 72, True), (520, 1040, False), (8, 3, True)])
+def test_tiled_kernel_matches_f_linear(rows, n, k, bias):
+    """Output tiles with a zero-padded remainder (37, 8, 520), K blocks with a remainder (1040 = 4 x 256 + 16),
+    a K below one vector (3), row blocks with a remainder (7, 9, 17), a bias, rows read through a stride."""
+    from tokenmill_cpu import native_tiles
+
+    lib = _lib()
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k + 5, generator=gen)[:, :k]  # row stride k + 5
+    w = torch.randn(n, k, generator=gen) * 0.1
+    b = torch.randn(n, generator=gen) if bias else None
+    tiles = native_tiles.pack(lib, w)
+    nr = lib.tiles_nr()
+    assert tiles.shape == (-(-n // nr), k, nr)
+    got = native_tiles.linear(lib, x, tiles, n, b, torch.get_num_threads())
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got is not None and got.shape == (rows, n)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    three_d = native_tiles.linear(lib, x.contiguous().view(1, rows, k), tiles, n, b, 1)  # [..., K], one thread
+    assert torch.equal(three_d.view(rows, n), got)
+
+
+def test_tiled_kernel_declines_what_it_does_not_serve():
+    from tokenmill_cpu import native_tiles
+
+    lib = _lib()
+    tiles = native_tiles.pack(lib, torch.randn(16, 32))
+    assert native_tiles.linear(lib, torch.randn(native_tiles.MAX_ROWS + 1, 32), tiles, 16, None, 1) is None
+    assert native_tiles.linear(lib, torch.randn(5, 32), tiles, 16, None, 1, max_rows=4) is None
+    assert native_tiles.linear(lib, torch.randn(2, 32).bfloat16(), tiles, 16, None, 1) is None
+    assert native_tiles.linear(lib, torch.randn(32, 2).t(), tiles, 16, None, 1) is None  # columns strided
+    assert native_tiles.linear(lib, torch.randn(2, 31), tiles, 16, None, 1) is None  # K differs
+    assert native_tiles.linear(lib, torch.randn(2, 32), tiles, 16, torch.randn(16).bfloat16(), 1) is None
+    with pytest.raises(ValueError, match="float32"):
+        native_tiles.pack(lib, torch.randn(16, 32).bfloat16())
+
+
+def test_float32_model_uses_every_path_and_matches_f_linear():
+    from tokenmill_cpu import native_tiles
     from tokenmill_cpu.linear import CpuPackedLinearMethod
 
     _lib()
-    # the 16-token prompt runs through oneDNN, the decode steps through the row kernel
-    prompts = [[5, 9, 13, 2, 7, 11, 3, 5, 9, 13, 2, 7, 11, 3, 6, 8] * 3, [4, 4, 8, 1]]
-    assert len(prompts[0]) + len(prompts[1]) > native_linear.MAX_ROWS
+    # the 80-token prompt runs through oneDNN, the decode steps through the tiled kernel
+    prompts = [[5, 9, 13, 2, 7, 11, 3, 5, 9, 13, 2, 7, 11, 3, 6, 8] * 5, [4, 4, 8, 1]]
+    assert len(prompts[0]) > native_tiles.MAX_ROWS
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
     ours = LLM(model=str(make_tiny_model("llama")), device="cpu", dtype="float32")
     linears = _linears(ours)
     assert linears and all(type(m.method) is CpuPackedLinearMethod for m in linears)
     assert any(m.prefix == "lm_head" for m in linears)
-    # the plain weight for the row kernel, the packed copy for many rows
+    # the plain weight as the fallback, the tiled copy for few rows, the packed copy for many
     assert all(not m.weight.is_mkldnn and m.weight_packed is not None and m.weight_packed.is_mkldnn for m in linears)
+    assert all(m.weight_tiles is not None and m.method.row_limit(m) == native_tiles.MAX_ROWS for m in linears)
     got = ours.generate([{"prompt_token_ids": p} for p in prompts], params)
     plain = LLM(model=str(make_tiny_model("llama")), device="cpu", dtype="float32", reference_ops=True)
     assert not any(m.weight.is_mkldnn for m in _linears(plain))
@@ -99,6 +138,25 @@ class _Layer(torch.nn.Module):
     def __init__(self, out_features, in_features):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(out_features, in_features), requires_grad=False)
+
+
+def test_copy_budget_for_one_copy_keeps_the_tiled_one(monkeypatch):
+    """The tiled copy is taken first: with room for that one copy, it serves every row count."""
+    from tokenmill_cpu import linear as cpu_linear
+
+    _lib()
+    method = cpu_linear.CpuPackedLinearMethod("none", None, torch.float32)
+    layer = _Layer(48, 64)
+    method._copy_budget = 48 * 64 * 4
+    method.process_weights_after_loading(layer)
+    assert layer.weight_tiles is not None and layer.weight_packed is None and method._copy_budget == 0
+    assert method.row_limit(layer) == 0
+    calls, real = [], F.linear
+    monkeypatch.setattr(cpu_linear.F, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for rows in (3, 100):
+        x = torch.randn(rows, 64)
+        assert torch.allclose(method.apply(layer, x), x @ layer.weight.T, atol=1e-5)
+    assert calls == []
 
 
 @pytest.mark.parametrize("case", ["no-native", "over-budget"])
@@ -119,7 +177,7 @@ def test_one_copy_when_the_row_kernel_is_absent_or_memory_is_short(case, monkeyp
     if case == "no-native":
         assert layer.weight.is_mkldnn and layer.weight_packed is None
     else:
-        assert not layer.weight.is_mkldnn and layer.weight_packed is None
+        assert not layer.weight.is_mkldnn and layer.weight_packed is None and layer.weight_tiles is None
     for rows in (1, 40):
         x = torch.randn(rows, 64)
         assert torch.allclose(method.apply(layer, x), F.linear(x, w), atol=1e-5)

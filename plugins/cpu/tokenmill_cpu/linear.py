@@ -1,22 +1,28 @@
-"""Float linears on CPU: few rows through the plugin's C kernel, many through oneDNN on packed weights.
+"""Float linears on CPU: few rows through the plugin's C kernels, many through oneDNN on packed weights.
 
-Two kernels, picked per call by the number of rows M:
+Three kernels, picked per call by the dtype and the number of rows M:
 
-* M <= :data:`tokenmill_cpu.native_linear.MAX_ROWS` (decode): the C kernel of
-  :mod:`tokenmill_cpu.native_linear` streams the ``[out, in]`` weight once, in the checkpoint's
-  layout, at close to the box's read bandwidth;
+* float32, M <= :data:`tokenmill_cpu.native_tiles.MAX_ROWS` (decode, small prefills): the
+  register-blocked C kernel of :mod:`tokenmill_cpu.native_tiles`, on a copy of the weight
+  repacked once at load into K-major tiles of output features (ahead of oneDNN up to 32 rows,
+  level at 64);
+* bfloat16 (and float32 without the tiled copy), M <= :data:`tokenmill_cpu.native_linear.MAX_ROWS`:
+  the C kernel of :mod:`tokenmill_cpu.native_linear`, which streams the ``[out, in]`` weight
+  once in the checkpoint's layout;
 * larger M (prefill, big batches): oneDNN's inner product (``torch.ops.mkldnn``, bias add fused)
   on a copy of the weight reordered once into oneDNN's blocked layout at load, in
   ``process_weights_after_loading``. ``F.linear`` would re-lay the weight on every call, which
   costs 15-30% of a prefill GEMM's speed.
 
-Keeping both layouts doubles the float linears' memory, so the packed copy is made only while
-the copies made so far stay within :data:`PACKED_COPY_SHARE` of the host's available memory
-(measured at the first layer); past it a layer's large-M calls use ``F.linear``. Without the C
-kernel (no compiler, ``TOKENMILL_CPU_NATIVE=0``) only the packed copy is kept, for every M.
+The plain weight stays (it is the fallback, and what other code reads), so each copy adds the
+linears' size again: copies are made, tiled first, only while the copies made so far stay within
+:data:`PACKED_COPY_SHARE` of the host's available memory (measured at the first layer): with the
+tiled copy alone, the tiled kernel serves every M (0.93x oneDNN at 256 rows); with neither, the
+row kernel serves few rows and ``F.linear`` the rest. Without the C kernels (no compiler,
+``TOKENMILL_CPU_NATIVE=0``) only the oneDNN copy is kept, for every M.
 
-float32, and bfloat16 (the C kernel widens it; oneDNN packs it where it has bfloat16 kernels for
-this CPU: AVX512-BF16, AMX; where it has none, the C kernel serves every M, since the other
+float32, and bfloat16 (the row kernel widens it; oneDNN packs it where it has bfloat16 kernels for
+this CPU: AVX512-BF16, AMX; where it has none, the row kernel serves every M, since the other
 choice, ``F.linear``, is 4-5x slower); float16 keeps ``F.linear``. Stacks of experts keep the plain weight
 (the fused MoE kernel reads it as it is).
 """
@@ -29,7 +35,7 @@ from tokenmill.platform import host_memory_info
 from tokenmill.quant.params import expert_view
 from tokenmill.quant.unquantized import UnquantizedMethod
 
-from tokenmill_cpu import native, native_linear
+from tokenmill_cpu import native, native_linear, native_tiles
 from tokenmill_cpu.threads import configure_threads
 
 #: Largest share of the host's available memory (at load) that packed copies may take while
@@ -91,7 +97,10 @@ class CpuPackedLinearMethod(UnquantizedMethod):
     def describe(self) -> str:
         if self.lib is not None and self.dtype == torch.bfloat16 and self._bf16_rows == 0:
             return f"{self.dtype}, C kernel at every row count (no oneDNN bfloat16 kernels on this CPU)"
-        rows = f"C kernel up to {native_linear.MAX_ROWS} rows, " if self.lib is not None else ""
+        rows = ""
+        if self.lib is not None:
+            tiled = native_tiles.MAX_ROWS if self.dtype == torch.float32 else native_linear.MAX_ROWS
+            rows = f"C kernel up to {tiled} rows, "
         big = "oneDNN on weights packed at load" if self.packs(self.dtype) else "F.linear"
         return f"{self.dtype}, {rows}{big} above"
 
@@ -102,33 +111,49 @@ class CpuPackedLinearMethod(UnquantizedMethod):
         if not w.is_contiguous():  # the row kernel reads the rows in place
             layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
         w = layer.weight.detach()
-        layer.weight_packed = None
-        if not self.packs(w.dtype):
+        layer.weight_packed = layer.weight_tiles = None
+        if self.lib is None:
+            if self.packs(w.dtype):  # oneDNN serves every M: the packed copy is the only one
+                layer.weight = torch.nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w), requires_grad=False)
             return
-        if self.lib is None:  # oneDNN serves every M: the packed copy is the only one
-            layer.weight = torch.nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w), requires_grad=False)
-            return
+        if w.dtype == torch.float32 and self._take(w):
+            layer.weight_tiles = native_tiles.pack(self.lib, w)
+        if self.packs(w.dtype) and self._take(w):
+            layer.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w)
+
+    def _take(self, w) -> bool:
+        """Whether one more copy of ``w`` fits the copy budget (and take it from the budget if so)."""
         if self._copy_budget is None:
             self._copy_budget = int(host_memory_info().free * PACKED_COPY_SHARE)
         size = w.numel() * w.element_size()
-        if size <= self._copy_budget:  # packed only when kept
-            self._copy_budget -= size
-            layer.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        if size > self._copy_budget:
+            return False
+        self._copy_budget -= size
+        return True
 
-    def row_limit(self, dtype) -> int:
-        """Most rows the C kernel takes for weights of ``dtype`` (0: every row count)."""
-        rows = self._bf16_rows if dtype == torch.bfloat16 else None
+    def row_limit(self, layer) -> int:
+        """Most rows ``layer``'s C kernel takes (0: every row count): the tiled one's where it has tiles."""
+        if getattr(layer, "weight_tiles", None) is not None:
+            return native_tiles.MAX_ROWS if getattr(layer, "weight_packed", None) is not None else 0
+        rows = self._bf16_rows if layer.weight.dtype == torch.bfloat16 else None
         return native_linear.MAX_ROWS if rows is None else rows
 
     def apply(self, layer, x, bias=None, expert=None):
         w = layer.weight
         if w.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-        if expert is None and self.lib is not None and w.dim() == 2:
-            y = native_linear.linear(self.lib, x, w, bias, self.num_threads, self.row_limit(w.dtype))
+        tiles = getattr(layer, "weight_tiles", None)
+        packed = getattr(layer, "weight_packed", None)
+        if expert is None and tiles is not None:
+            # without oneDNN's copy the tiled kernel takes every M: 0.93x oneDNN at 256 rows, F.linear far less
+            y = native_tiles.linear(self.lib, x, tiles, w.shape[0], bias, self.num_threads,
+                                    None if packed is not None else 0)
             if y is not None:
                 return y
-        packed = getattr(layer, "weight_packed", None)
+        elif expert is None and self.lib is not None and w.dim() == 2:
+            y = native_linear.linear(self.lib, x, w, bias, self.num_threads, self.row_limit(layer))
+            if y is not None:
+                return y
         if packed is not None and expert is None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, expert_view(w, expert), bias)

@@ -1,7 +1,7 @@
 """Small C kernels for the cpu platform, built with the system compiler: decode attention over
 the paged KV cache (:mod:`tokenmill_cpu.native_attention`), the block's elementwise ops
-(:mod:`tokenmill_cpu.native_ops`), linears with few rows (:mod:`tokenmill_cpu.native_linear`)
-and the one-call decode step built from them (:mod:`tokenmill_cpu.native_decoder`), in one library.
+(:mod:`tokenmill_cpu.native_ops`), linears with few rows (:mod:`tokenmill_cpu.native_linear`,
+:mod:`tokenmill_cpu.native_tiles`) and the one-call decode step built from them (:mod:`tokenmill_cpu.native_decoder`), in one library.
 
 It is compiled on first use with ``cc -O3 -march=native -fopenmp`` into a cache
 directory (``$TOKENMILL_CPU_KERNEL_CACHE``, default ``~/.cache/tokenmill/cpu-kernels``),
@@ -22,13 +22,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tokenmill_cpu import native_attention, native_decoder, native_linear, native_ops
+from tokenmill_cpu import native_attention, native_decoder, native_linear, native_ops, native_tiles
 
 log = logging.getLogger(__name__)
 
-SOURCE = native_attention.SOURCE + native_ops.SOURCE + native_linear.SOURCE + native_decoder.SOURCE
+SOURCE = native_attention.SOURCE + native_ops.SOURCE + native_linear.SOURCE + native_tiles.SOURCE + native_decoder.SOURCE
 
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -ffp-contract=fast: ISO C mode (-std=c11) otherwise keeps a * b + c as two roundings, two instructions
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_DISABLE = "TOKENMILL_CPU_NATIVE"
 ENV_CACHE = "TOKENMILL_CPU_KERNEL_CACHE"
 
@@ -87,7 +88,7 @@ def load():
             import torch  # noqa: F401 - its OpenMP runtime must be loaded first so that we share it
 
             lib = ctypes.CDLL(str(_build(compiler)))
-            parts = (native_attention, native_ops, native_linear, native_decoder)
+            parts = (native_attention, native_ops, native_linear, native_tiles, native_decoder)
             restypes = {name: t for part in parts for name, t in part.RESTYPES.items()}
             for name, argtypes in {name: a for part in parts for name, a in part.SIGNATURES.items()}.items():
                 getattr(lib, name).argtypes = argtypes

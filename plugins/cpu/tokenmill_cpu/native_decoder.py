@@ -8,7 +8,8 @@ from __future__ import annotations
 import ctypes
 
 SOURCE = r"""
-/* One decode step of a decoder stack. Weights [out, in] row-major in the model dtype, biases and
+/* One decode step of a decoder stack. Weights in the model dtype: float32 ones as packed by
+   tiles_pack_f32, bfloat16 ones [out, in] row-major; biases and
    the q/k norms optional (0). Returns 0; 1 when a position lies outside the cos/sin cache; -1 when
    scratch memory cannot be allocated (out is then not written). */
 typedef struct {
@@ -28,8 +29,7 @@ typedef struct {
 } tm_stack;
 
 static inline int tm_linear_f32(const float *x, const void *w, const void *b, float *y, int M, int N, int K, int nt) {
-    linear_rows_f32(x, K, (const float *)w, (const float *)b, y, N, M, N, K, nt);
-    return 0;
+    return linear_tiles_f32(x, K, (const float *)w, (const float *)b, y, N, M, N, K, nt);
 }
 static inline int tm_linear_bf16(const uint16_t *x, const void *w, const void *b, uint16_t *y, int M, int N, int K,
                                  int nt) {
