@@ -69,25 +69,28 @@ def test_row_kernel_declines_what_it_does_not_serve():
     assert not native_linear.supports(torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 64])
-@pytest.mark.parametrize("n, k, bias", [(64, 128, False), (37, 72, True), (520, 1040, False), (8, 3, True)])
-def test_tiled_kernel_matches_f_linear(rows, n, k, bias):
-    """Output tiles with a zero-padded remainder (37, 8, 520), K blocks with a remainder (1040 = 4 x 256 + 16),
-    a K below one vector (3), row blocks with a remainder (7, 9, 17), a bias, rows read through a stride."""
+@pytest.mark.parametrize("n, k, bias", [(64, 128, False), (37, 73, True), (520, 1040, False), (8, 3, True)])
+def test_tiled_kernel_matches_f_linear(dtype, rows, n, k, bias):
+    """Output tiles with a zero-padded remainder (37, 8, 520), K blocks with a remainder (1040 = 4 x 256 + 16
+    in float32, 2 x 256 + 8 pairs in bfloat16), an odd K (73, 3: bfloat16's last pair is half), a K below one
+    vector (3), row blocks with a remainder (7, 9, 17), a bias, rows read through an odd stride."""
     from tokenmill_cpu import native_tiles
 
     lib = _lib()
     gen = torch.Generator().manual_seed(rows * 1000 + n)
-    x = torch.randn(rows, k + 5, generator=gen)[:, :k]  # row stride k + 5
-    w = torch.randn(n, k, generator=gen) * 0.1
-    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(rows, k + 5, generator=gen).to(dtype)[:, :k]  # row stride k + 5
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
     tiles = native_tiles.pack(lib, w)
     nr = lib.tiles_nr()
-    assert tiles.shape == (-(-n // nr), k, nr)
+    assert tiles.shape == (-(-n // nr), k if dtype == torch.float32 else -(-k // 2), nr)
     got = native_tiles.linear(lib, x, tiles, n, b, torch.get_num_threads())
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
-    assert got is not None and got.shape == (rows, n)
-    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    assert got is not None and got.shape == (rows, n) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
+    assert float((got.double() - want).abs().max() / want.abs().max()) < tol
     three_d = native_tiles.linear(lib, x.contiguous().view(1, rows, k), tiles, n, b, 1)  # [..., K], one thread
     assert torch.equal(three_d.view(rows, n), got)
 
@@ -103,8 +106,11 @@ def test_tiled_kernel_declines_what_it_does_not_serve():
     assert native_tiles.linear(lib, torch.randn(32, 2).t(), tiles, 16, None, 1) is None  # columns strided
     assert native_tiles.linear(lib, torch.randn(2, 31), tiles, 16, None, 1) is None  # K differs
     assert native_tiles.linear(lib, torch.randn(2, 32), tiles, 16, torch.randn(16).bfloat16(), 1) is None
-    with pytest.raises(ValueError, match="float32"):
-        native_tiles.pack(lib, torch.randn(16, 32).bfloat16())
+    bf16 = native_tiles.pack(lib, torch.randn(16, 32).bfloat16())
+    assert native_tiles.linear(lib, torch.randn(2, 32), bf16, 16, None, 1) is None  # float32 rows, bfloat16 tiles
+    assert native_tiles.linear(lib, torch.randn(2, 32).bfloat16(), bf16, 16, None, 1) is not None
+    with pytest.raises(ValueError, match="bfloat16"):
+        native_tiles.pack(lib, torch.randn(16, 32).half())
 
 
 def test_float32_model_uses_every_path_and_matches_f_linear():
@@ -205,10 +211,10 @@ def test_bfloat16_is_served_and_float16_keeps_f_linear():
 
 @pytest.mark.parametrize("onednn_bf16", [False, True])
 def test_bfloat16_rows_limit_follows_onednn(onednn_bf16, monkeypatch):
-    """Without oneDNN bfloat16 kernels the C kernel takes every M (F.linear is the slower choice);
+    """Without oneDNN bfloat16 kernels the tiled C kernel takes every M (F.linear is the slower choice);
     with them, many rows go to oneDNN's packed copy as in float32."""
     from tokenmill_cpu import linear as cpu_linear
-    from tokenmill_cpu import native_linear
+    from tokenmill_cpu import native_tiles
 
     _lib()
     if onednn_bf16 and not cpu_linear._onednn_bf16():
@@ -219,19 +225,21 @@ def test_bfloat16_rows_limit_follows_onednn(onednn_bf16, monkeypatch):
     w = (torch.randn(24, 40) * 0.1).bfloat16()
     layer.weight = torch.nn.Parameter(w, requires_grad=False)
     method.process_weights_after_loading(layer)
-    assert (layer.weight_packed is not None) == onednn_bf16
+    assert (layer.weight_packed is not None) == onednn_bf16 and layer.weight_tiles is not None
+    assert method.row_limit(layer) == (native_tiles.MAX_ROWS if onednn_bf16 else 0)
     served = []
-    real = native_linear.linear
+    real = native_tiles.linear
 
     def spy(*args):
         y = real(*args)
         served.append(y is not None)
         return y
 
-    monkeypatch.setattr(cpu_linear.native_linear, "linear", spy)
-    x = torch.randn(native_linear.MAX_ROWS + 9, 40).bfloat16()
-    got = method.apply(layer, x)
-    want = F.linear(x.float(), w.float())
-    assert float((got.float() - want).abs().max() / want.abs().max()) < 1e-2
-    assert served == [not onednn_bf16]
+    monkeypatch.setattr(cpu_linear.native_tiles, "linear", spy)
+    for rows in (3, native_tiles.MAX_ROWS + 9):
+        x = torch.randn(rows, 40).bfloat16()
+        got = method.apply(layer, x)
+        want = F.linear(x.float(), w.float())
+        assert float((got.float() - want).abs().max() / want.abs().max()) < 1e-2
+    assert served == [True, not onednn_bf16]
     assert (method.describe().endswith("(no oneDNN bfloat16 kernels on this CPU)")) == (not onednn_bf16)

@@ -7,10 +7,9 @@ sequence that glue was about a third of the step. :func:`install` gives a Llama-
 model's decoder stack a path that runs a decode-only step (every row a sequence's one new
 token) as one call into the plugin's C library (:mod:`tokenmill_cpu.native_decoder`): the
 same C kernels the per-op path calls, in the same order, so its hidden states are
-bit-identical to that path's. Steps with prefill rows, more rows than the C linears take
-(float32 above :data:`tokenmill_cpu.native_tiles.MAX_ROWS`, bfloat16 above
-:data:`tokenmill_cpu.native_linear.MAX_ROWS` where oneDNN has bfloat16 kernels) and models it
-does not cover run the per-op forward unchanged.
+bit-identical to that path's. Steps with prefill rows, more rows than the tiled C linears take
+(:data:`tokenmill_cpu.native_tiles.MAX_ROWS` where oneDNN serves larger M) and models it does not
+cover run the per-op forward unchanged.
 
 Covered: stacks of :class:`~tokenmill.models.llama.LlamaDecoderLayer` with the SwiGLU MLP
 (Llama, Mistral, Qwen2, Qwen3; not Mixtral's experts) in float32 or bfloat16 whose linears
@@ -33,12 +32,6 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 def _ptr(t) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def _weight(lin) -> int:
-    """What the step's C linears read: the tiled copy in float32, the plain weight in bfloat16."""
-    tiles = getattr(lin, "weight_tiles", None)
-    return (tiles if tiles is not None else lin.weight).data_ptr()
 
 
 def _why_not(model) -> str | None:
@@ -74,8 +67,8 @@ def _why_not(model) -> str | None:
             if not isinstance(lin.method, CpuPackedLinearMethod) or not isinstance(w, torch.Tensor) \
                     or w.is_mkldnn or w.dim() != 2 or w.dtype != ctx.dtype or not w.is_contiguous():
                 return f"layer {i}'s linears are not the plugin's unquantized {ctx.dtype} ones ({lin.method.describe()})"
-            if ctx.dtype == torch.float32 and getattr(lin, "weight_tiles", None) is None:
-                return f"layer {i}'s float32 linears have no tiled copy (past the copy budget)"
+            if getattr(lin, "weight_tiles", None) is None:
+                return f"layer {i}'s linears have no tiled copy (past the copy budget)"
             if b is not None and (b.dtype != ctx.dtype or not b.is_contiguous()):
                 return f"layer {i}'s linear bias is not contiguous {ctx.dtype}"
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
@@ -109,10 +102,10 @@ class FusedDecode:
             ly.in_eps, ly.post_eps = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
             if attn.q_norm is not None:
                 ly.q_norm, ly.k_norm, ly.qk_eps = _ptr(attn.q_norm.weight), _ptr(attn.k_norm.weight), attn.q_norm.eps
-            ly.w_qkv, ly.b_qkv = _weight(attn.qkv_proj), _ptr(attn.qkv_proj.bias)
-            ly.w_o, ly.b_o = _weight(attn.o_proj), _ptr(attn.o_proj.bias)
-            ly.w_gu, ly.b_gu = _weight(mlp.gate_up_proj), _ptr(mlp.gate_up_proj.bias)
-            ly.w_down, ly.b_down = _weight(mlp.down_proj), _ptr(mlp.down_proj.bias)
+            ly.w_qkv, ly.b_qkv = _ptr(attn.qkv_proj.weight_tiles), _ptr(attn.qkv_proj.bias)
+            ly.w_o, ly.b_o = _ptr(attn.o_proj.weight_tiles), _ptr(attn.o_proj.bias)
+            ly.w_gu, ly.b_gu = _ptr(mlp.gate_up_proj.weight_tiles), _ptr(mlp.gate_up_proj.bias)
+            ly.w_down, ly.b_down = _ptr(mlp.down_proj.weight_tiles), _ptr(mlp.down_proj.bias)
             ly.scale, ly.window = attn.attn.scale, int(attn.spec.sliding_window or 0)
         #: Most rows a step may have (0: any): the tightest of the linears' C-kernel limits.
         self.row_limit = min((n for n in limits if n), default=0)

@@ -96,11 +96,8 @@ class CpuPackedLinearMethod(UnquantizedMethod):
 
     def describe(self) -> str:
         if self.lib is not None and self.dtype == torch.bfloat16 and self._bf16_rows == 0:
-            return f"{self.dtype}, C kernel at every row count (no oneDNN bfloat16 kernels on this CPU)"
-        rows = ""
-        if self.lib is not None:
-            tiled = native_tiles.MAX_ROWS if self.dtype == torch.float32 else native_linear.MAX_ROWS
-            rows = f"C kernel up to {tiled} rows, "
+            return f"{self.dtype}, C kernel on tiled weights at every row count (no oneDNN bfloat16 kernels on this CPU)"
+        rows = f"C kernel on tiled weights up to {native_tiles.MAX_ROWS} rows, " if self.lib is not None else ""
         big = "oneDNN on weights packed at load" if self.packs(self.dtype) else "F.linear"
         return f"{self.dtype}, {rows}{big} above"
 
@@ -116,7 +113,7 @@ class CpuPackedLinearMethod(UnquantizedMethod):
             if self.packs(w.dtype):  # oneDNN serves every M: the packed copy is the only one
                 layer.weight = torch.nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w), requires_grad=False)
             return
-        if w.dtype == torch.float32 and self._take(w):
+        if native_tiles.supports(w.dtype) and self._take(w):
             layer.weight_tiles = native_tiles.pack(self.lib, w)
         if self.packs(w.dtype) and self._take(w):
             layer.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w)

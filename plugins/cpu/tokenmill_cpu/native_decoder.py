@@ -8,8 +8,8 @@ from __future__ import annotations
 import ctypes
 
 SOURCE = r"""
-/* One decode step of a decoder stack. Weights in the model dtype: float32 ones as packed by
-   tiles_pack_f32, bfloat16 ones [out, in] row-major; biases and
+/* One decode step of a decoder stack. Weights in the model dtype, packed by tiles_pack_f32 or
+   tiles_pack_bf16; biases and
    the q/k norms optional (0). Returns 0; 1 when a position lies outside the cos/sin cache; -1 when
    scratch memory cannot be allocated (out is then not written). */
 typedef struct {
@@ -33,7 +33,7 @@ static inline int tm_linear_f32(const float *x, const void *w, const void *b, fl
 }
 static inline int tm_linear_bf16(const uint16_t *x, const void *w, const void *b, uint16_t *y, int M, int N, int K,
                                  int nt) {
-    return linear_rows_bf16(x, K, (const uint16_t *)w, (const uint16_t *)b, y, N, M, N, K, nt);
+    return linear_tiles_bf16(x, K, (const uint32_t *)w, (const uint16_t *)b, y, N, M, N, K, nt);
 }
 
 #define DEFINE_STACK(SUF, T)                                                                                \

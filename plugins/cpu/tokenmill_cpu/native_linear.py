@@ -1,5 +1,8 @@
 """A C kernel for linears with few rows (decode): the weight streamed once, in its checkpoint layout.
 
+Since the tiled kernel (:mod:`tokenmill_cpu.native_tiles`) this one serves only layers whose
+tiled copy did not fit the copy budget (:mod:`tokenmill_cpu.linear`): it needs no copy.
+
 With M = 1..32 rows a linear is a read of the whole weight: the arithmetic is a few FLOPs per
 weight byte, so the speed is the memory bandwidth the kernel sustains. oneDNN's inner
 product, even on pre-packed weights, reaches 55-70% of the box's read bandwidth at one row
