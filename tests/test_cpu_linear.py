@@ -70,12 +70,13 @@ def test_row_kernel_declines_what_it_does_not_serve():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 64])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 64, 100])
 @pytest.mark.parametrize("n, k, bias", [(64, 128, False), (37, 73, True), (520, 1040, False), (8, 3, True)])
 def test_tiled_kernel_matches_f_linear(dtype, rows, n, k, bias):
     """Output tiles with a zero-padded remainder (37, 8, 520), K blocks with a remainder (1040 = 4 x 256 + 16
     in float32, 2 x 256 + 8 pairs in bfloat16), an odd K (73, 3: bfloat16's last pair is half), a K below one
-    vector (3), row blocks with a remainder (7, 9, 17), a bias, rows read through an odd stride."""
+    vector (3), row blocks with a remainder (7, 9, 17), a bias, rows read through an odd stride, and an
+    accumulator panel on the heap (100 rows, without a row limit)."""
     from tokenmill_cpu import native_tiles
 
     lib = _lib()
@@ -86,12 +87,12 @@ def test_tiled_kernel_matches_f_linear(dtype, rows, n, k, bias):
     tiles = native_tiles.pack(lib, w)
     nr = lib.tiles_nr()
     assert tiles.shape == (-(-n // nr), k if dtype == torch.float32 else -(-k // 2), nr)
-    got = native_tiles.linear(lib, x, tiles, n, b, torch.get_num_threads())
+    got = native_tiles.linear(lib, x, tiles, n, b, torch.get_num_threads(), 0)
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert got is not None and got.shape == (rows, n) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
     assert float((got.double() - want).abs().max() / want.abs().max()) < tol
-    three_d = native_tiles.linear(lib, x.contiguous().view(1, rows, k), tiles, n, b, 1)  # [..., K], one thread
+    three_d = native_tiles.linear(lib, x.contiguous().view(1, rows, k), tiles, n, b, 1, 0)  # [..., K], one thread
     assert torch.equal(three_d.view(rows, n), got)
 
 

@@ -45,6 +45,8 @@ SOURCE = f"#define TL_KC {KC}\n" + r"""
 #define TL_MR 6
 #endif
 #define TL_NR (2 * TL_L)
+/* rows whose accumulator panel lives on the thread's stack (8 KiB with AVX-512): decode calls allocate nothing */
+#define TL_SMALL 64
 typedef float tl_vf __attribute__((vector_size(TL_L * 4)));
 typedef float tl_vfu __attribute__((vector_size(TL_L * 4), aligned(4)));
 
@@ -103,14 +105,16 @@ static inline void tl_micro(int mr, const float *x, int64_t xs, const float *wt,
 }
 
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) with w packed by tiles_pack_f32. Returns -1 when a
-   thread's accumulator panel (M x NR floats) cannot be allocated (y is then partly written), else 0. */
+   thread's accumulator panel (M x NR floats, on the heap above TL_SMALL rows) cannot be allocated
+   (y is then partly written), else 0. */
 int linear_tiles_f32(const float *x, int64_t xs, const float *tiles, const float *bias, float *y, int64_t ys,
                      int M, int N, int K, int nthreads) {
     const int nt = (N + TL_NR - 1) / TL_NR;
     int failed = 0;
     _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
     {
-        float *acc = aligned_alloc(64, sizeof(float) * TL_NR * (size_t)((M + 1) & ~1));
+        float small[TL_SMALL * TL_NR] __attribute__((aligned(64)));
+        float *acc = M <= TL_SMALL ? small : aligned_alloc(64, sizeof(float) * TL_NR * (size_t)M);
         if (!acc) {
             _Pragma("omp atomic write")
             failed = 1;
@@ -133,7 +137,7 @@ int linear_tiles_f32(const float *x, int64_t xs, const float *tiles, const float
                 else memcpy(ym, am, sizeof(float) * (size_t)nr);
             }
         }
-        free(acc);
+        if (acc != small) free(acc);
     }
     return failed ? -1 : 0;
 }
@@ -235,7 +239,8 @@ int linear_tiles_bf16(const uint16_t *x, int64_t xs, const uint32_t *tiles, cons
     int failed = 0;
     _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
     {
-        float *acc = aligned_alloc(64, sizeof(float) * TL_NR * (size_t)M);
+        float small[TL_SMALL * TL_NR] __attribute__((aligned(64)));
+        float *acc = M <= TL_SMALL ? small : aligned_alloc(64, sizeof(float) * TL_NR * (size_t)M);
         if (!acc) {
             _Pragma("omp atomic write")
             failed = 1;
@@ -257,7 +262,7 @@ int linear_tiles_bf16(const uint16_t *x, int64_t xs, const uint32_t *tiles, cons
                 for (int j = 0; j < nr; j++) ym[j] = bf16_round(bias ? am[j] + bf16_ld(bias, n0 + j) : am[j]);
             }
         }
-        free(acc);
+        if (acc != small) free(acc);
     }
     return failed ? -1 : 0;
 }
