@@ -73,3 +73,27 @@ def test_quantized_linears_keep_the_per_op_forward(quantization):
     assert getattr(model, "fused_decode", None) is None
     out = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_small_prefill_chunks_run_as_decode_rows(arch, monkeypatch):
+    """Chunks of at most SMALL_PREFILL tokens (a fresh prompt's, a continued one's, beside decodes) are
+    decode rows of the one-call step; tokens and logprobs agree with the reference ops' SDPA prefill.
+    mistral: its sliding window (24) is shorter than the prompts."""
+    from tokenmill_cpu.attention import SMALL_PREFILL
+
+    monkeypatch.setenv(ENV_DISABLE, "1")
+    path = str(make_tiny_model(arch))
+    prompts = [PROMPTS[2], PROMPTS[0], "x"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    engine = dict(enable_chunked_prefill=True, max_num_batched_tokens=SMALL_PREFILL)
+    ours = LLM(model=path, dtype="float32", **engine)
+    got = ours.generate(prompts, params)
+    runner = ours.engine.runner.model.fused_decode
+    assert runner.steps == ours.stats().steps, "every step, prefill chunks included, was meant to be one call"
+    want = LLM(model=path, dtype="float32", reference_ops=True, **engine).generate(prompts, params)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            tok = next(iter(b))
+            assert abs(a[tok].logprob - b[tok].logprob) < 1e-4

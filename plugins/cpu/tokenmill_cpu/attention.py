@@ -9,7 +9,9 @@ they start from an empty context. Per layer:
   native kernel (:mod:`tokenmill_cpu.native`) reads the pages in place (bfloat16 widened
   as it is read); otherwise (or without a compiler) the pages are gathered into a padded
   batch for one SDPA call;
-* a prefill chunk with no earlier context attends to its own new K/V with SDPA's causal
+* a prefill chunk of at most :data:`SMALL_PREFILL` tokens is served as decode rows, one per
+  token, by that same call;
+* a longer prefill chunk with no earlier context attends to its own new K/V with SDPA's causal
   kernel (no cache read at all); a chunk that continues a sequence gathers its pages and
   uses an explicit causal mask; a sliding window always uses an explicit mask.
 """
@@ -41,6 +43,13 @@ class _Plan:
     cache: dict = field(default_factory=dict)  # per-step masks and gathered indices
 
 
+#: Prefill chunks of at most this many tokens are served as decode rows: each token is a query
+#: row whose context ends at itself (causal by construction, the chunk's K/V written first), so
+#: the step stays one decode-kernel call per layer, and the cpu platform's one-call decode step
+#: can take it (a continued prompt's last chunk, a new request joining running decodes).
+SMALL_PREFILL = 16
+
+
 def _plan(meta: AttentionMetadata) -> _Plan:
     bs = meta.block_size
     slots = meta.slot_mapping.to(torch.int64)
@@ -50,10 +59,18 @@ def _plan(meta: AttentionMetadata) -> _Plan:
         write_rows = valid.nonzero().flatten()
         slots = slots[write_rows]
     decode_seqs, decode_rows, prefills = meta.split_decodes()
+    lens = [meta.seq_lens_cpu[i] for i in decode_seqs]
+    kept = []
+    for seq, lo, hi, slen in prefills:
+        if hi - lo > SMALL_PREFILL:
+            kept.append((seq, lo, hi, slen))
+            continue
+        decode_seqs += [seq] * (hi - lo)
+        decode_rows += list(range(lo, hi))
+        lens += range(slen - (hi - lo) + 1, slen + 1)
     d_rows = d_lens = d_tables = None
     if decode_seqs:
         idx = torch.tensor(decode_seqs, dtype=torch.long)
-        lens = [meta.seq_lens_cpu[i] for i in decode_seqs]
         nb = max(-(-n // bs) for n in lens)
         d_lens = torch.tensor(lens, dtype=torch.int32)
         tables = meta.block_tables.index_select(0, idx)[:, :nb].to(torch.int32)
@@ -61,7 +78,7 @@ def _plan(meta: AttentionMetadata) -> _Plan:
         # Entries past a sequence's own pages are arbitrary: make them a valid block id.
         d_tables = torch.where(torch.arange(nb)[None, :] < needed[:, None], tables, 0).contiguous()
         d_rows = torch.tensor(decode_rows, dtype=torch.int64)
-    return _Plan(slots, write_rows, d_rows, d_lens, d_tables, prefills, bs)
+    return _Plan(slots, write_rows, d_rows, d_lens, d_tables, kept, bs)
 
 
 def _sdpa_gqa(q, k, v, mask, scale, is_causal=False):
