@@ -2,13 +2,13 @@
 
 Three kernels, picked per call by the dtype and the number of rows M:
 
-* float32, M <= :data:`tokenmill_cpu.native_tiles.MAX_ROWS` (decode, small prefills): the
+* M <= :data:`tokenmill_cpu.native_tiles.MAX_ROWS` (decode, small prefills): the
   register-blocked C kernel of :mod:`tokenmill_cpu.native_tiles`, on a copy of the weight
   repacked once at load into K-major tiles of output features (ahead of oneDNN up to 32 rows,
   level at 64);
-* bfloat16 (and float32 without the tiled copy), M <= :data:`tokenmill_cpu.native_linear.MAX_ROWS`:
-  the C kernel of :mod:`tokenmill_cpu.native_linear`, which streams the ``[out, in]`` weight
-  once in the checkpoint's layout;
+* a layer without the tiled copy, M <= :data:`tokenmill_cpu.native_linear.MAX_ROWS`: the C
+  kernel of :mod:`tokenmill_cpu.native_linear`, which streams the ``[out, in]`` weight once in
+  the checkpoint's layout;
 * larger M (prefill, big batches): oneDNN's inner product (``torch.ops.mkldnn``, bias add fused)
   on a copy of the weight reordered once into oneDNN's blocked layout at load, in
   ``process_weights_after_loading``. ``F.linear`` would re-lay the weight on every call, which
@@ -21,9 +21,9 @@ tiled copy alone, the tiled kernel serves every M (0.93x oneDNN at 256 rows); wi
 row kernel serves few rows and ``F.linear`` the rest. Without the C kernels (no compiler,
 ``TOKENMILL_CPU_NATIVE=0``) only the oneDNN copy is kept, for every M.
 
-float32, and bfloat16 (the row kernel widens it; oneDNN packs it where it has bfloat16 kernels for
-this CPU: AVX512-BF16, AMX; where it has none, the row kernel serves every M, since the other
-choice, ``F.linear``, is 4-5x slower); float16 keeps ``F.linear``. Stacks of experts keep the plain weight
+float32, and bfloat16 (oneDNN packs it where it has bfloat16 kernels for this CPU: AVX512-BF16,
+AMX; where it has none, the C kernels serve every M, since the other choice, ``F.linear``, is
+4-5x slower); float16 keeps ``F.linear``. Stacks of experts keep the plain weight
 (the fused MoE kernel reads it as it is).
 """
 from __future__ import annotations

@@ -48,7 +48,8 @@ SOURCE = f"#define TL_KC {KC}\n" + r"""
 /* rows whose accumulator panel lives on the thread's stack (8 KiB with AVX-512): decode calls allocate nothing */
 #define TL_SMALL 64
 typedef float tl_vf __attribute__((vector_size(TL_L * 4)));
-typedef float tl_vfu __attribute__((vector_size(TL_L * 4), aligned(4)));
+typedef uint32_t tl_vu __attribute__((vector_size(TL_L * 4)));
+typedef uint32_t tl_u32u __attribute__((aligned(2), may_alias));
 
 int tiles_nr(void) { return TL_NR; }
 
@@ -63,93 +64,11 @@ void tiles_pack_f32(const float *w, float *tiles, int N, int K) {
             }
 }
 
-/* MR rows x NR outputs over kc inputs; the partial sums live in acc (NR floats a row) between K blocks. */
-#define TL_MICRO(MR)                                                                                          \
-static inline void tl_micro_##MR(const float *x, int64_t xs, const float *wt, int kc, float *acc, int first) { \
-    tl_vf a0[MR], a1[MR];                                                                                     \
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                                  \
-        a0[m] = first ? (tl_vf){0} : *(const tl_vf *)(acc + m * TL_NR);                                      \
-        a1[m] = first ? (tl_vf){0} : *(const tl_vf *)(acc + m * TL_NR + TL_L);                               \
-    }                                                                                                         \
-    for (int k = 0; k < kc; k++) {                                                                            \
-        const tl_vf w0 = *(const tl_vf *)(wt + (int64_t)k * TL_NR), w1 = *(const tl_vf *)(wt + (int64_t)k * TL_NR + TL_L); \
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                              \
-            const tl_vf xb = (tl_vf){0} + x[m * xs + k];                                                      \
-            a0[m] += xb * w0;                                                                                 \
-            a1[m] += xb * w1;                                                                                 \
-        }                                                                                                     \
-    }                                                                                                         \
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                                  \
-        *(tl_vf *)(acc + m * TL_NR) = a0[m];                                                                  \
-        *(tl_vf *)(acc + m * TL_NR + TL_L) = a1[m];                                                           \
-    }                                                                                                         \
-}
-TL_MICRO(1) TL_MICRO(2) TL_MICRO(3) TL_MICRO(4) TL_MICRO(5) TL_MICRO(6)
-#if TL_MR > 6
-TL_MICRO(7) TL_MICRO(8)
-#endif
-
-static inline void tl_micro(int mr, const float *x, int64_t xs, const float *wt, int kc, float *acc, int first) {
-    switch (mr) {
-    case 1: tl_micro_1(x, xs, wt, kc, acc, first); break;
-    case 2: tl_micro_2(x, xs, wt, kc, acc, first); break;
-    case 3: tl_micro_3(x, xs, wt, kc, acc, first); break;
-    case 4: tl_micro_4(x, xs, wt, kc, acc, first); break;
-    case 5: tl_micro_5(x, xs, wt, kc, acc, first); break;
-    case 6: tl_micro_6(x, xs, wt, kc, acc, first); break;
-#if TL_MR > 6
-    case 7: tl_micro_7(x, xs, wt, kc, acc, first); break;
-    case 8: tl_micro_8(x, xs, wt, kc, acc, first); break;
-#endif
-    }
-}
-
-/* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) with w packed by tiles_pack_f32. Returns -1 when a
-   thread's accumulator panel (M x NR floats, on the heap above TL_SMALL rows) cannot be allocated
-   (y is then partly written), else 0. */
-int linear_tiles_f32(const float *x, int64_t xs, const float *tiles, const float *bias, float *y, int64_t ys,
-                     int M, int N, int K, int nthreads) {
-    const int nt = (N + TL_NR - 1) / TL_NR;
-    int failed = 0;
-    _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
-    {
-        float small[TL_SMALL * TL_NR] __attribute__((aligned(64)));
-        float *acc = M <= TL_SMALL ? small : aligned_alloc(64, sizeof(float) * TL_NR * (size_t)M);
-        if (!acc) {
-            _Pragma("omp atomic write")
-            failed = 1;
-        }
-        _Pragma("omp for schedule(static)")
-        for (int t = 0; t < nt; t++) {
-            if (!acc) continue;
-            const float *wt = tiles + (int64_t)t * K * TL_NR;
-            for (int k0 = 0; k0 < K; k0 += TL_KC) {
-                const int kc = K - k0 < TL_KC ? K - k0 : TL_KC;
-                for (int m0 = 0; m0 < M; m0 += TL_MR)
-                    tl_micro(M - m0 < TL_MR ? M - m0 : TL_MR, x + (int64_t)m0 * xs + k0, xs, wt + (int64_t)k0 * TL_NR,
-                             kc, acc + (int64_t)m0 * TL_NR, k0 == 0);
-            }
-            const int n0 = t * TL_NR, nr = N - n0 < TL_NR ? N - n0 : TL_NR;
-            for (int m = 0; m < M; m++) {
-                float *ym = y + (int64_t)m * ys + n0;
-                const float *am = acc + (int64_t)m * TL_NR;
-                if (bias) for (int j = 0; j < nr; j++) ym[j] = am[j] + bias[n0 + j];
-                else memcpy(ym, am, sizeof(float) * (size_t)nr);
-            }
-        }
-        if (acc != small) free(acc);
-    }
-    return failed ? -1 : 0;
-}
-
 /* bfloat16: tiles of pairs. tiles16[t, k2, j] is a 32-bit word holding w[t * NR + j, 2 k2] (low half) and
    w[t * NR + j, 2 k2 + 1] (high half), the odd K's last high half zero; each input row is read as pairs too,
    so a step takes one broadcast word per row. With AVX512-BF16 one vdpbf16ps does a pair's two products
    for 16 outputs; otherwise a shift and a mask widen the pair and two float32 FMAs do them. Accumulation
    is float32, the bias is added in float32 and the output is rounded to nearest even once. */
-typedef uint32_t tl_vu __attribute__((vector_size(TL_L * 4)));
-typedef uint32_t tl_u32u __attribute__((aligned(2), may_alias));
-
 void tiles_pack_bf16(const uint16_t *w, uint32_t *tiles, int N, int K) {
     const int nt = (N + TL_NR - 1) / TL_NR, K2 = (K + 1) / 2;
     for (int t = 0; t < nt; t++)
@@ -181,91 +100,133 @@ static inline uint32_t tl_pair(const uint16_t *x, int k2, int K) {
     } while (0)
 #endif
 
-#define TL_MICRO16(MR)                                                                                        \
-static inline void tl16_micro_##MR(const uint16_t *x, int64_t xs, const uint32_t *wt, int k2a, int k2b, int K, \
-                                   float *acc, int first) {                                                   \
+/* The two vectors of one tile row (input k, or pair k in bfloat16). */
+#define TL_W(TV, k) const TV w0 = *(const TV *)(wt + (int64_t)(k) * TL_NR), w1 = *(const TV *)(wt + (int64_t)(k) * TL_NR + TL_L)
+
+/* NAME_MR: MR rows x NR outputs over tile rows [k0, k1) (inputs in float32, pairs in bfloat16), the
+   partial sums kept in acc (NR floats a row) between K blocks; BODY() runs the tile rows. */
+#define TL_MICRO(NAME, TX, MR, BODY)                                                                          \
+static inline void NAME##_##MR(const TX *x, int64_t xs, const void *wtv, int k0, int k1, int K, float *acc,  \
+                               int first) {                                                                   \
+    const int Mr = MR;                                                                                        \
     tl_vf a0[MR], a1[MR];                                                                                     \
     _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                                  \
         a0[m] = first ? (tl_vf){0} : *(const tl_vf *)(acc + m * TL_NR);                                      \
         a1[m] = first ? (tl_vf){0} : *(const tl_vf *)(acc + m * TL_NR + TL_L);                               \
     }                                                                                                         \
-    const int full = 2 * k2b <= K ? k2b : k2b - 1;                                                            \
-    for (int k2 = k2a; k2 < full; k2++) {                                                                     \
-        const tl_vu w0 = *(const tl_vu *)(wt + (int64_t)k2 * TL_NR), w1 = *(const tl_vu *)(wt + (int64_t)k2 * TL_NR + TL_L); \
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                              \
+    BODY()                                                                                                    \
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                                  \
+        *(tl_vf *)(acc + m * TL_NR) = a0[m];                                                                  \
+        *(tl_vf *)(acc + m * TL_NR + TL_L) = a1[m];                                                           \
+    }                                                                                                         \
+    (void)Mr, (void)K;                                                                                        \
+}
+
+#define TL_F32_BODY()                                                                                         \
+    const float *wt = (const float *)wtv;                                                                     \
+    for (int k = k0; k < k1; k++) {                                                                           \
+        TL_W(tl_vf, k);                                                                                       \
+        _Pragma("GCC unroll 16") for (int m = 0; m < Mr; m++) {                                              \
+            const tl_vf xb = (tl_vf){0} + x[m * xs + k];                                                      \
+            a0[m] += xb * w0;                                                                                 \
+            a1[m] += xb * w1;                                                                                 \
+        }                                                                                                     \
+    }
+
+#define TL_BF16_BODY()                                                                                        \
+    const uint32_t *wt = (const uint32_t *)wtv;                                                               \
+    const int full = 2 * k1 <= K ? k1 : k1 - 1;  /* the odd K's last pair is half */                          \
+    for (int k2 = k0; k2 < full; k2++) {                                                                      \
+        TL_W(tl_vu, k2);                                                                                      \
+        _Pragma("GCC unroll 16") for (int m = 0; m < Mr; m++) {                                              \
             const uint32_t xw = *(const tl_u32u *)(x + m * xs + 2 * k2);                                      \
             TL_DOT(a0[m], xw, w0);                                                                            \
             TL_DOT(a1[m], xw, w1);                                                                            \
         }                                                                                                     \
     }                                                                                                         \
-    if (full < k2b) {                                                                                         \
-        const tl_vu w0 = *(const tl_vu *)(wt + (int64_t)full * TL_NR), w1 = *(const tl_vu *)(wt + (int64_t)full * TL_NR + TL_L); \
-        for (int m = 0; m < MR; m++) {                                                                        \
+    if (full < k1) {                                                                                          \
+        TL_W(tl_vu, full);                                                                                    \
+        for (int m = 0; m < Mr; m++) {                                                                        \
             const uint32_t xw = tl_pair(x + m * xs, full, K);                                                 \
             TL_DOT(a0[m], xw, w0);                                                                            \
             TL_DOT(a1[m], xw, w1);                                                                            \
         }                                                                                                     \
-    }                                                                                                         \
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                                                  \
-        *(tl_vf *)(acc + m * TL_NR) = a0[m];                                                                  \
-        *(tl_vf *)(acc + m * TL_NR + TL_L) = a1[m];                                                           \
-    }                                                                                                         \
-}
-TL_MICRO16(1) TL_MICRO16(2) TL_MICRO16(3) TL_MICRO16(4) TL_MICRO16(5) TL_MICRO16(6)
-#if TL_MR > 6
-TL_MICRO16(7) TL_MICRO16(8)
-#endif
-
-static inline void tl16_micro(int mr, const uint16_t *x, int64_t xs, const uint32_t *wt, int k2a, int k2b, int K,
-                              float *acc, int first) {
-    switch (mr) {
-    case 1: tl16_micro_1(x, xs, wt, k2a, k2b, K, acc, first); break;
-    case 2: tl16_micro_2(x, xs, wt, k2a, k2b, K, acc, first); break;
-    case 3: tl16_micro_3(x, xs, wt, k2a, k2b, K, acc, first); break;
-    case 4: tl16_micro_4(x, xs, wt, k2a, k2b, K, acc, first); break;
-    case 5: tl16_micro_5(x, xs, wt, k2a, k2b, K, acc, first); break;
-    case 6: tl16_micro_6(x, xs, wt, k2a, k2b, K, acc, first); break;
-#if TL_MR > 6
-    case 7: tl16_micro_7(x, xs, wt, k2a, k2b, K, acc, first); break;
-    case 8: tl16_micro_8(x, xs, wt, k2a, k2b, K, acc, first); break;
-#endif
     }
-}
 
-/* As linear_tiles_f32, for bfloat16 x, bias and y with tiles from tiles_pack_bf16. */
-int linear_tiles_bf16(const uint16_t *x, int64_t xs, const uint32_t *tiles, const uint16_t *bias, uint16_t *y,
-                      int64_t ys, int M, int N, int K, int nthreads) {
-    const int nt = (N + TL_NR - 1) / TL_NR, K2 = (K + 1) / 2, KC2 = TL_KC;  /* KC pairs: the slab's bytes as in float32 */
-    int failed = 0;
-    _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
-    {
-        float small[TL_SMALL * TL_NR] __attribute__((aligned(64)));
-        float *acc = M <= TL_SMALL ? small : aligned_alloc(64, sizeof(float) * TL_NR * (size_t)M);
-        if (!acc) {
-            _Pragma("omp atomic write")
-            failed = 1;
-        }
-        _Pragma("omp for schedule(static)")
-        for (int t = 0; t < nt; t++) {
-            if (!acc) continue;
-            const uint32_t *wt = tiles + (int64_t)t * K2 * TL_NR;
-            for (int k0 = 0; k0 < K2; k0 += KC2) {
-                const int k1 = K2 - k0 < KC2 ? K2 : k0 + KC2;
-                for (int m0 = 0; m0 < M; m0 += TL_MR)
-                    tl16_micro(M - m0 < TL_MR ? M - m0 : TL_MR, x + (int64_t)m0 * xs, xs, wt, k0, k1, K,
-                               acc + (int64_t)m0 * TL_NR, k0 == 0);
-            }
-            const int n0 = t * TL_NR, nr = N - n0 < TL_NR ? N - n0 : TL_NR;
-            for (int m = 0; m < M; m++) {
-                uint16_t *ym = y + (int64_t)m * ys + n0;
-                const float *am = acc + (int64_t)m * TL_NR;
-                for (int j = 0; j < nr; j++) ym[j] = bf16_round(bias ? am[j] + bf16_ld(bias, n0 + j) : am[j]);
-            }
-        }
-        if (acc != small) free(acc);
-    }
-    return failed ? -1 : 0;
+/* Every register block up to TL_MR rows, and NAME(mr, ...) picking one by the rows left. */
+#if TL_MR > 6
+#define TL_CASES_MORE(NAME) case 7: NAME##_7(x, xs, wt, k0, k1, K, acc, first); break; \
+                            case 8: NAME##_8(x, xs, wt, k0, k1, K, acc, first); break;
+#else
+#define TL_CASES_MORE(NAME)
+#endif
+#define TL_MICROS(NAME, TX, BODY)                                                                             \
+    TL_MICRO(NAME, TX, 1, BODY) TL_MICRO(NAME, TX, 2, BODY) TL_MICRO(NAME, TX, 3, BODY)                       \
+    TL_MICRO(NAME, TX, 4, BODY) TL_MICRO(NAME, TX, 5, BODY) TL_MICRO(NAME, TX, 6, BODY)                       \
+    TL_MICROS_MORE(NAME, TX, BODY)                                                                            \
+static inline void NAME(int mr, const TX *x, int64_t xs, const void *wt, int k0, int k1, int K, float *acc,   \
+                        int first) {                                                                          \
+    switch (mr) {                                                                                             \
+    case 1: NAME##_1(x, xs, wt, k0, k1, K, acc, first); break;                                                \
+    case 2: NAME##_2(x, xs, wt, k0, k1, K, acc, first); break;                                                \
+    case 3: NAME##_3(x, xs, wt, k0, k1, K, acc, first); break;                                                \
+    case 4: NAME##_4(x, xs, wt, k0, k1, K, acc, first); break;                                                \
+    case 5: NAME##_5(x, xs, wt, k0, k1, K, acc, first); break;                                                \
+    case 6: NAME##_6(x, xs, wt, k0, k1, K, acc, first); break;                                                \
+    TL_CASES_MORE(NAME)                                                                                       \
+    }                                                                                                         \
 }
+#if TL_MR > 6
+#define TL_MICROS_MORE(NAME, TX, BODY) TL_MICRO(NAME, TX, 7, BODY) TL_MICRO(NAME, TX, 8, BODY)
+#else
+#define TL_MICROS_MORE(NAME, TX, BODY)
+#endif
+TL_MICROS(tl_micro_f32, float, TL_F32_BODY)
+TL_MICROS(tl_micro_bf16, uint16_t, TL_BF16_BODY)
+
+/* NAME: y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) with w packed by tiles_pack_SUF, KD tile rows per tile.
+   Each thread takes whole tiles; per tile, K blocks of TL_KC tile rows (outer) so that the slab stays in L1
+   across the row blocks (inner), then STORE(sum, bias index) writes each output. Returns -1 when a thread's
+   accumulator panel (M x NR floats, on the heap above TL_SMALL rows) cannot be allocated (y is then
+   partly written), else 0. */
+#define TL_LINEAR(NAME, MICRO, TX, TW, TY, KD, STORE)                                                        \
+int NAME(const TX *x, int64_t xs, const TW *tiles, const TY *bias, TY *y, int64_t ys, int M, int N, int K,   \
+         int nthreads) {                                                                                      \
+    const int nt = (N + TL_NR - 1) / TL_NR, kd = KD;                                                          \
+    int failed = 0;                                                                                           \
+    _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")                                            \
+    {                                                                                                         \
+        float small[TL_SMALL * TL_NR] __attribute__((aligned(64)));                                           \
+        float *acc = M <= TL_SMALL ? small : aligned_alloc(64, sizeof(float) * TL_NR * (size_t)M);           \
+        if (!acc) {                                                                                           \
+            _Pragma("omp atomic write")                                                                       \
+            failed = 1;                                                                                       \
+        }                                                                                                     \
+        _Pragma("omp for schedule(static)")                                                                   \
+        for (int t = 0; t < nt; t++) {                                                                        \
+            if (!acc) continue;                                                                               \
+            const TW *wt = tiles + (int64_t)t * kd * TL_NR;                                                   \
+            for (int k0 = 0; k0 < kd; k0 += TL_KC) {                                                          \
+                const int k1 = kd - k0 < TL_KC ? kd : k0 + TL_KC;                                             \
+                for (int m0 = 0; m0 < M; m0 += TL_MR)                                                         \
+                    MICRO(M - m0 < TL_MR ? M - m0 : TL_MR, x + (int64_t)m0 * xs, xs, wt, k0, k1, K,           \
+                          acc + (int64_t)m0 * TL_NR, k0 == 0);                                                \
+            }                                                                                                 \
+            const int n0 = t * TL_NR, nr = N - n0 < TL_NR ? N - n0 : TL_NR;                                   \
+            for (int m = 0; m < M; m++) {                                                                     \
+                TY *ym = y + (int64_t)m * ys + n0;                                                            \
+                const float *am = acc + (int64_t)m * TL_NR;                                                   \
+                for (int j = 0; j < nr; j++) ym[j] = STORE(am[j], n0 + j);                                    \
+            }                                                                                                 \
+        }                                                                                                     \
+        if (acc != small) free(acc);                                                                          \
+    }                                                                                                         \
+    return failed ? -1 : 0;                                                                                   \
+}
+#define TL_STORE_F32(v, n) (bias ? (v) + bias[n] : (v))
+#define TL_STORE_BF16(v, n) bf16_round(bias ? (v) + bf16_ld(bias, n) : (v))
+TL_LINEAR(linear_tiles_f32, tl_micro_f32, float, float, float, K, TL_STORE_F32)
+TL_LINEAR(linear_tiles_bf16, tl_micro_bf16, uint16_t, uint32_t, uint16_t, (K + 1) / 2, TL_STORE_BF16)
 """
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
