@@ -43,8 +43,8 @@ def test_ideal_hit_rate_reuses_whole_blocks_seen_in_earlier_prompts_only():
     assert ideal_hit_rate([a], 16) == 0.0
     assert ideal_hit_rate([a, b], 16) == pytest.approx(32 / (35 + 34))
     assert ideal_hit_rate([a, b, c], 16) == pytest.approx((32 + 16) / (35 + 34 + 36))
-    # never the whole prompt: an exact repeat of a two-block prompt reuses one block
-    assert ideal_hit_rate([system, system], 16) == pytest.approx(16 / 64)
+    # an exact repeat of a two-block prompt reuses all of it but its last token
+    assert ideal_hit_rate([system, system], 16) == pytest.approx(31 / 64)
 
 
 def test_random_gate_holds_at_most_n_and_hands_places_to_waiters_in_drawn_order():

@@ -72,7 +72,7 @@ def test_blocks_needed_matches_allocate():
         assert free - m.num_free_blocks == need
 
 
-def test_prefix_reuse_three_blocks_never_whole_prompt():
+def test_prefix_reuse_three_blocks_and_a_prompt_cached_whole():
     m = KVCacheManager(num_blocks=32, block_size=4)
     prefix = list(range(100, 112))  # 3 full blocks
     assert prefill(m, 1, prefix + [1, 2]) == 0
@@ -80,10 +80,60 @@ def test_prefix_reuse_three_blocks_never_whole_prompt():
     assert m.block_table(1)[:3] == m.block_table(2)[:3]
     assert m.block_table(1)[3] != m.block_table(2)[3]
     assert all(m.ref_count(b) == 2 for b in m.block_table(1)[:3])
-    # The whole prompt is cached, but its last block is recomputed: at least one token computed.
-    assert prefill(m, 3, prefix) == 8
+    # The whole prompt is cached: all but its last token are reused, that one is computed again.
     assert prefill(m, 4, prefix + [1]) == 12
-    assert m.stats.hit_tokens == 32 and m.stats.queries_tokens == 14 + 15 + 12 + 13
+    assert m.stats.hit_tokens == 24 and m.stats.queries_tokens == 14 + 15 + 13
+    m.check_invariants()
+
+
+def test_a_prompt_cached_whole_copies_its_last_block_then_takes_the_cached_one_back():
+    m = KVCacheManager(num_blocks=16, block_size=4)
+    prompt = list(range(100, 112))  # 3 full blocks
+    prefill(m, 1, prompt)
+    cached = m.block_table(1)
+    m.free(1)
+    assert m.num_cached_blocks == 3
+    free = m.num_free_blocks
+    hit, cost = m.admission_cost(prompt, None, len(prompt))
+    assert (hit, cost) == (11, 4)  # 3 cached blocks pinned, plus the copy of the last one
+    assert m.match_prefix(2, prompt) == 11 == m.peek_prefix(prompt)
+    assert m.num_free_blocks == free - 3
+    copies = m.allocate(2, 11, 1)
+    assert copies is not None and len(copies) == 1 and copies[0][0] == cached[2]
+    copy = copies[0][1]
+    assert m.block_table(2) == cached[:2] + [copy] and not m.is_cached(copy)
+    assert m.num_free_blocks == free - 3  # the copy is taken, the cached last block is evictable again
+    m.check_invariants()
+    # Once computed, the copy duplicates the cached block: the table takes the cached one back
+    # and the copy is freed, so what the sequence generates next is cached after it.
+    m.cache_blocks(2, prompt, 12)
+    assert m.block_table(2) == cached and m.ref_count(copy) == 0 and not m.is_cached(copy)
+    assert m.num_free_blocks == free - 3
+    m.check_invariants()
+    tokens = list(prompt)
+    decode(m, 2, tokens, [7, 8, 9, 10, 11])
+    m.free(2)
+    assert m.peek_prefix(tokens + [1]) == 16
+    m.check_invariants()
+
+
+def test_a_duplicate_computed_concurrently_is_swapped_for_the_cached_block():
+    m = KVCacheManager(num_blocks=16, block_size=4)
+    prompt = list(range(8))
+    for seq in (1, 2):  # both admitted before either is cached: two copies of the same blocks
+        assert m.match_prefix(seq, prompt) == 0
+        assert m.allocate(seq, 0, 8) == []
+    first, second = m.block_table(1), m.block_table(2)
+    m.cache_blocks(1, prompt, 8)
+    m.cache_blocks(2, prompt, 8)
+    assert m.block_table(2) == first and all(m.ref_count(b) == 2 for b in first)
+    assert all(m.ref_count(b) == 0 and not m.is_cached(b) for b in second)
+    assert m.num_used_blocks == 2 and m.num_free_blocks == 14  # the duplicates went back to the free list
+    tokens = list(prompt)
+    decode(m, 2, tokens, [50, 51, 52, 53])
+    m.free(1)
+    m.free(2)
+    assert m.peek_prefix(tokens + [0]) == 12  # sequence 2's generated block was cached too
     m.check_invariants()
 
 
@@ -239,23 +289,6 @@ def test_prefix_caching_off_never_shares():
     m.free(2)
     assert m.num_cached_blocks == 0 and m.num_free_blocks == 32
     assert m.stats.hit_tokens == 0
-    m.check_invariants()
-
-
-def test_concurrent_duplicates_keep_accounting_exact():
-    m = KVCacheManager(num_blocks=16, block_size=4)
-    toks = list(range(9))
-    assert m.match_prefix(1, toks) == 0 and m.match_prefix(2, toks) == 0
-    assert m.allocate(1, 0, 9) == [] and m.allocate(2, 0, 9) == []
-    m.cache_blocks(1, toks, 9)
-    m.cache_blocks(2, toks, 9)  # identical content already cached: seq 2 keeps its duplicates
-    m.check_invariants()
-    assert m.num_used_blocks == 6
-    decode(m, 2, toks[:], range(20, 24))
-    m.free(2)  # duplicates go straight back to the free list
-    assert m.num_cached_blocks == 0 and m.num_used_blocks == 3
-    m.free(1)
-    assert m.num_cached_blocks == 2
     m.check_invariants()
 
 

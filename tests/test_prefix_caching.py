@@ -103,3 +103,25 @@ def test_n_greater_than_one_forks_share_prompt_blocks(path):
     assert llm.stats().prompt_tokens_computed == len(prompt)
     assert llm.engine.kv.num_used_blocks == 0
     llm.engine.kv.check_invariants()
+
+
+def test_a_prompt_cached_whole_computes_one_token_and_caches_what_it_generates(path):
+    llm = LLM(model=path, block_size=16)
+    prompt = _prompts(6, 1, 64, suffix=(0, 0))[0]  # exactly 4 blocks
+    first = llm.generate([{"prompt_token_ids": prompt}], GREEDY)[0]
+    before = llm.stats().prompt_tokens_computed
+    again = llm.generate([{"prompt_token_ids": prompt}], GREEDY)[0]
+    assert again.num_cached_tokens == 63 and llm.stats().prompt_tokens_computed - before == 1
+    assert _ids([again]) == _ids([first])
+    # A sampled continuation of the cached prompt: its generated block is cached after it.
+    sampled = llm.generate([{"prompt_token_ids": prompt}],
+                           SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True))[0]
+    assert sampled.num_cached_tokens == 63
+    follow = prompt + list(sampled.outputs[0].token_ids[:16])
+    assert llm.generate([{"prompt_token_ids": follow}], GREEDY)[0].num_cached_tokens == 79
+    # n > 1 on a prompt cached whole: the forks share the copied block until it is swapped back.
+    forks = llm.generate([{"prompt_token_ids": prompt}],
+                         SamplingParams(n=3, max_tokens=20, temperature=1.0, seed=3, ignore_eos=True))[0]
+    assert len(forks.outputs) == 3 and forks.num_cached_tokens == 63
+    assert llm.engine.kv.num_used_blocks == 0
+    llm.engine.kv.check_invariants()

@@ -129,16 +129,16 @@ def tokenize(url: str, model: str, messages: list[dict]) -> list[int]:
 def ideal_hit_rate(prompts: list[list[int]], block_size: int) -> float:
     """Hit rate of one unbounded prefix cache that has seen every earlier prompt (block-aligned).
 
-    Like the engine, a prompt reuses whole blocks only, and never all of itself (at least one
-    token is computed). Generated tokens are not counted, so a real cache can beat this by the
+    Like the engine, a prompt reuses whole blocks only, and all of itself but its last token
+    when every block is cached (at least one token is computed). Generated tokens are not counted, so a real cache can beat this by the
     blocks of a previous answer that a later turn's prompt repeats.
     """
     seen: set[tuple[int, ...]] = set()
     hit = total = 0
     for ids in prompts:
         n = 0
-        while n < (len(ids) - 1) // block_size and tuple(ids[:(n + 1) * block_size]) in seen:
+        while n < len(ids) // block_size and tuple(ids[:(n + 1) * block_size]) in seen:
             n += 1
-        hit, total = hit + n * block_size, total + len(ids)
+        hit, total = hit + min(n * block_size, len(ids) - 1), total + len(ids)
         seen.update(tuple(ids[:(i + 1) * block_size]) for i in range(len(ids) // block_size))
     return hit / total if total else 0.0

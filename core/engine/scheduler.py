@@ -215,7 +215,10 @@ class Scheduler:
             # to be admitted, so the waiting queue can never pin the pool that running ones need.
             use_prefix = not self._needs_every_position(seq)
             hit = self.kv.admission_cost(seq.token_ids, seq.salt, 0, use_prefix)[0]
-            if (inflight or earlier) and self.kv.enable_prefix_caching and use_prefix:
+            # A hit that ends inside a block is a prompt cached whole: it computes only its copied
+            # last token, so it neither waits for nor holds back anyone.
+            computes_block = hit % self.kv.block_size == 0
+            if (inflight or earlier) and self.kv.enable_prefix_caching and use_prefix and computes_block:
                 key = self._next_block_key(seq, hit)
                 if key in inflight or key in earlier:
                     continue
@@ -241,7 +244,8 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             copies.extend(got)
-            inflight.add(self._next_block_key(seq, seq.num_scheduled))
+            if computes_block:
+                inflight.add(self._next_block_key(seq, seq.num_scheduled))
             scheduled.append(self._scheduled(seq, num_new, new_seqs))
             budget -= num_new
         if admitted:

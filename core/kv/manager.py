@@ -37,7 +37,7 @@ class _SeqCacheState:
     salt: Hashable
     num_cached: int = 0
     last_node: RadixNode | None = None
-    # Another sequence cached identical content first; this one's later blocks stay private.
+    # A block of this table is cached at another place in the tree: its later blocks stay private.
     diverged: bool = False
 
 
@@ -102,20 +102,26 @@ class KVCacheManager:
         return seq_id in self._tables
 
     # ---- prefix caching -----------------------------------------------------------------------
+    def _match(self, token_ids: Sequence[int], salt: str | None) -> tuple[list[RadixNode], int]:
+        # (matched nodes, tokens reused): a prompt cached whole reuses all but its last token,
+        # which is computed again (its block copied on write) for the logits to sample from.
+        path = self._tree.match(salt, token_ids, len(token_ids) // self.block_size)
+        return path, min(len(path) * self.block_size, len(token_ids) - 1)
+
     def match_prefix(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None) -> int:
         """Attach the longest cached run of full blocks prefixing ``token_ids``; return the tokens reused.
 
-        Call once when the sequence is first scheduled (it must hold no blocks). Never reuses
-        the whole prompt: at most ``(len(token_ids) - 1) // block_size`` blocks, so at least one
-        token is computed and no shared block is written. Returns a multiple of ``block_size``;
-        0 with prefix caching off (and then no stats are counted).
+        Call once when the sequence is first scheduled (it must hold no blocks). At least one
+        token is always computed: when every block of the prompt is cached, all but the last
+        token are reused, and :meth:`allocate` copies the last block on write before it is
+        written. Otherwise a multiple of ``block_size``; 0 with prefix caching off (and then
+        no stats are counted).
         """
         if self._tables.get(seq_id):
             raise ValueError(f"match_prefix: sequence {seq_id} already holds blocks")
         if not self.enable_prefix_caching:
             return 0
-        max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
-        path = self._tree.match(salt, token_ids, max_blocks)
+        path, hit = self._match(token_ids, salt)
         tick = self._tree.tick()
         for node in path:
             if self._pool.ref_count(node.block_id) == 0:
@@ -124,7 +130,6 @@ class KVCacheManager:
             node.last_access = tick
         self._tables[seq_id] = [node.block_id for node in path]
         self._cache_state[seq_id] = _SeqCacheState(salt, len(path), path[-1] if path else None)
-        hit = len(path) * self.block_size
         self.stats.queries_tokens += len(token_ids)
         self.stats.hit_tokens += hit
         return hit
@@ -133,8 +138,7 @@ class KVCacheManager:
         """How many tokens :meth:`match_prefix` would reuse now; changes nothing, counts no stats."""
         if not self.enable_prefix_caching:
             return 0
-        max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
-        return len(self._tree.match(salt, token_ids, max_blocks)) * self.block_size
+        return self._match(token_ids, salt)[1]
 
     def admission_cost(self, token_ids: Sequence[int], salt: str | None, num_tokens: int,
                        use_prefix: bool = True) -> tuple[int, int]:
@@ -142,26 +146,27 @@ class KVCacheManager:
 
         ``hit`` is the tokens :meth:`match_prefix` would reuse now (0 if ``use_prefix`` is false);
         ``blocks`` how many of :attr:`num_free_blocks` matching and then allocating positions up to
-        ``num_tokens`` would use up: the new blocks, plus the matched cached blocks that no live
-        sequence holds yet (matching pins them, so they stop being evictable). Admit only when
+        ``num_tokens`` would use up: the new blocks, the copy of the last block when the whole
+        prompt is cached, plus the matched cached blocks that no live sequence holds yet
+        (matching pins them, so they stop being evictable). Admit only when
         ``blocks <= num_free_blocks``; then ``match_prefix`` and ``allocate`` both succeed.
         """
-        path = []
+        path, hit = [], 0
         if use_prefix and self.enable_prefix_caching:
-            max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
-            path = self._tree.match(salt, token_ids, max_blocks)
-        hit = len(path) * self.block_size
+            path, hit = self._match(token_ids, salt)
         pinned = sum(1 for node in path if self._pool.ref_count(node.block_id) == 0)
         new = max(0, -(-max(num_tokens, hit) // self.block_size) - len(path))
-        return hit, pinned + new
+        copy = 1 if hit < len(path) * self.block_size and num_tokens > hit else 0
+        return hit, pinned + new + copy
 
     def cache_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed: int, salt: str | None = None) -> None:
         """Insert every full, computed block of ``seq_id`` (block i holds ``token_ids[i*bs:(i+1)*bs]``) into the tree.
 
         Call after each step, chunked prefills included. A block whose content is already
-        cached under the same parent (computed concurrently by another sequence) is left as
-        the sequence's private duplicate, and so are its later blocks. No-op with caching off
-        or for an unknown (already freed) sequence.
+        cached under the same parent (computed concurrently by another sequence, or copied on
+        write from the tree) is swapped in this table for the cached block, and the duplicate
+        freed: the scheduler sends the changed table with the sequence's next step. No-op with
+        caching off or for an unknown (already freed) sequence.
         """
         table = self._tables.get(seq_id)
         if not self.enable_prefix_caching or table is None:
@@ -186,9 +191,16 @@ class KVCacheManager:
                 child = self._tree.insert(node, key, block_id, tick)
             else:
                 self._tree.touch(child, tick)
-                if child.block_id != block_id:  # identical content cached first by another sequence
-                    state.diverged = True
-                    break
+                if child.block_id != block_id:
+                    # Identical content cached first (by another sequence, or this one's own
+                    # copy-on-write of a prompt cached whole): a full, computed block is never
+                    # written again, so hold the cached one and drop the duplicate, and the
+                    # blocks after it can still be cached.
+                    if self._pool.ref_count(child.block_id) == 0:
+                        self._tree.on_referenced(child)
+                    self._pool.incref(child.block_id)
+                    table[i] = child.block_id
+                    self._decref(block_id, tick)
             node = child
             state.num_cached, state.last_node = i + 1, child
 
