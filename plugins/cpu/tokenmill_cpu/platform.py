@@ -84,8 +84,12 @@ class CpuPlatform(Platform):
         return budget
 
     def wrap_model(self, model):
-        """Give Llama-family models the one-call decode step (:mod:`tokenmill_cpu.fused_decode`) where it applies."""
+        """Give Llama-family models the one-call decode step (:mod:`tokenmill_cpu.fused_decode`) where it
+        applies, and set up this process's allocator for the steps (:mod:`tokenmill_cpu.allocator`)."""
+        from tokenmill_cpu.allocator import configure_allocator
         from tokenmill_cpu.fused_decode import install
+
+        configure_allocator()
 
         why = install(model)
         log.info("tokenmill-cpu: decode steps %s", "in one C call" if why is None else f"per op ({why})")
