@@ -127,8 +127,8 @@ def test_float32_model_uses_every_path_and_matches_f_linear():
     linears = _linears(ours)
     assert linears and all(type(m.method) is CpuPackedLinearMethod for m in linears)
     assert any(m.prefix == "lm_head" for m in linears)
-    # the plain weight as the fallback, the tiled copy for few rows, the packed copy for many
-    assert all(not m.weight.is_mkldnn and m.weight_packed is not None and m.weight_packed.is_mkldnn for m in linears)
+    # two copies: the tiled one for few rows, oneDNN's (in the plain weight's place) for many
+    assert all(m.weight.is_mkldnn and m.weight_packed is None for m in linears)
     assert all(m.weight_tiles is not None and m.method.row_limit(m) == native_tiles.MAX_ROWS for m in linears)
     got = ours.generate([{"prompt_token_ids": p} for p in prompts], params)
     plain = LLM(model=str(make_tiny_model("llama")), device="cpu", dtype="float32", reference_ops=True)
@@ -148,22 +148,51 @@ class _Layer(torch.nn.Module):
 
 
 def test_copy_budget_for_one_copy_keeps_the_tiled_one(monkeypatch):
-    """The tiled copy is taken first: with room for that one copy, it serves every row count."""
+    """The tiled copy is taken first; oneDNN's copy then replaces the plain weight at no cost, and
+    takes the rows the tiled kernel does not."""
     from tokenmill_cpu import linear as cpu_linear
+    from tokenmill_cpu import native_tiles
 
     _lib()
     method = cpu_linear.CpuPackedLinearMethod("none", None, torch.float32)
     layer = _Layer(48, 64)
+    w = layer.weight.detach().clone()
     method._copy_budget = 48 * 64 * 4
     method.process_weights_after_loading(layer)
-    assert layer.weight_tiles is not None and layer.weight_packed is None and method._copy_budget == 0
-    assert method.row_limit(layer) == 0
+    assert layer.weight_tiles is not None and layer.weight.is_mkldnn and layer.weight_packed is None
+    assert method._copy_budget == 0 and method.row_limit(layer) == native_tiles.MAX_ROWS
     calls, real = [], F.linear
     monkeypatch.setattr(cpu_linear.F, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     for rows in (3, 100):
         x = torch.randn(rows, 64)
-        assert torch.allclose(method.apply(layer, x), x @ layer.weight.T, atol=1e-5)
+        assert torch.allclose(method.apply(layer, x), x @ w.T, atol=1e-5)
     assert calls == []
+
+
+def test_without_the_tiled_copy_onednn_sits_beside_the_plain_weight(monkeypatch):
+    """A layer without tiles keeps its plain weight for the row kernel, and oneDNN's copy (within the
+    budget) beside it for many rows; with the tiled copy alone, that kernel serves every M."""
+    from tokenmill_cpu import linear as cpu_linear
+    from tokenmill_cpu import native_tiles
+
+    _lib()
+    monkeypatch.setattr(native_tiles, "supports", lambda dtype: False)
+    method = cpu_linear.CpuPackedLinearMethod("none", None, torch.float32)
+    layer = _Layer(48, 64)
+    method.process_weights_after_loading(layer)
+    assert layer.weight_tiles is None and not layer.weight.is_mkldnn and layer.weight_packed.is_mkldnn
+    for rows in (2, 100):
+        x = torch.randn(rows, 64)
+        assert torch.allclose(method.apply(layer, x), F.linear(x, layer.weight), atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_linear.CpuPackedLinearMethod, "packs", staticmethod(lambda dtype: False))
+    method = cpu_linear.CpuPackedLinearMethod("none", None, torch.float32)
+    layer = _Layer(48, 64)
+    method.process_weights_after_loading(layer)
+    assert layer.weight_tiles is not None and not layer.weight.is_mkldnn and layer.weight_packed is None
+    assert method.row_limit(layer) == 0
+    x = torch.randn(100, 64)
+    assert torch.allclose(method.apply(layer, x), F.linear(x, layer.weight), atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["no-native", "over-budget"])
@@ -200,7 +229,7 @@ def test_bfloat16_is_served_and_float16_keeps_f_linear():
         linears = _linears(bf16)
         assert all(type(m.method) is CpuPackedLinearMethod for m in linears)
         packs = CpuPackedLinearMethod.packs(torch.bfloat16)
-        assert all((m.weight_packed is not None) == packs or m.weight.is_mkldnn for m in linears)
+        assert all(m.weight.is_mkldnn == packs and m.weight_packed is None for m in linears)
         ref = LLM(model=path, device="cpu", dtype="bfloat16", reference_ops=True)
         params = SamplingParams(max_tokens=8, temperature=0)
         a = bf16.generate([{"prompt_token_ids": [5, 9, 13, 2]}], params)[0].outputs[0].token_ids
@@ -226,7 +255,7 @@ def test_bfloat16_rows_limit_follows_onednn(onednn_bf16, monkeypatch):
     w = (torch.randn(24, 40) * 0.1).bfloat16()
     layer.weight = torch.nn.Parameter(w, requires_grad=False)
     method.process_weights_after_loading(layer)
-    assert (layer.weight_packed is not None) == onednn_bf16 and layer.weight_tiles is not None
+    assert layer.weight.is_mkldnn == onednn_bf16 and layer.weight_packed is None and layer.weight_tiles is not None
     assert method.row_limit(layer) == (native_tiles.MAX_ROWS if onednn_bf16 else 0)
     served = []
     real = native_tiles.linear

@@ -14,12 +14,15 @@ Three kernels, picked per call by the dtype and the number of rows M:
   ``process_weights_after_loading``. ``F.linear`` would re-lay the weight on every call, which
   costs 15-30% of a prefill GEMM's speed.
 
-The plain weight stays (it is the fallback, and what other code reads), so each copy adds the
-linears' size again: copies are made, tiled first, only while the copies made so far stay within
-:data:`PACKED_COPY_SHARE` of the host's available memory (measured at the first layer): with the
-tiled copy alone, the tiled kernel serves every M (0.93x oneDNN at 256 rows); with neither, the
-row kernel serves few rows and ``F.linear`` the rest. Without the C kernels (no compiler,
-``TOKENMILL_CPU_NATIVE=0``) only the oneDNN copy is kept, for every M.
+Each layer holds two copies of its weight at most. The tiled copy is made first, while the
+copies made so far stay within :data:`PACKED_COPY_SHARE` of the host's available memory
+(measured at the first layer); the oneDNN copy then replaces the plain weight (``layer.weight``
+becomes oneDNN's tensor, which also takes any call the tiled kernel declines), so it costs no
+memory. A layer past the budget keeps the plain weight: then a oneDNN copy is made beside it only
+within the budget (the row kernel reads the plain weight); with the tiled copy alone, the tiled
+kernel serves every M (0.93x oneDNN at 256 rows); with no copy, the row kernel serves few rows and
+``F.linear`` the rest. Without the C kernels (no compiler, ``TOKENMILL_CPU_NATIVE=0``) the oneDNN
+copy replaces the plain weight and serves every M.
 
 float32, and bfloat16 (oneDNN packs it where it has bfloat16 kernels for this CPU: AVX512-BF16,
 AMX; where it has none, the C kernels serve every M, since the other choice, ``F.linear``, is
@@ -109,13 +112,14 @@ class CpuPackedLinearMethod(UnquantizedMethod):
             layer.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
         w = layer.weight.detach()
         layer.weight_packed = layer.weight_tiles = None
-        if self.lib is None:
-            if self.packs(w.dtype):  # oneDNN serves every M: the packed copy is the only one
-                layer.weight = torch.nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w), requires_grad=False)
-            return
-        if native_tiles.supports(w.dtype) and self._take(w):
+        if self.lib is not None and native_tiles.supports(w.dtype) and self._take(w):
             layer.weight_tiles = native_tiles.pack(self.lib, w)
-        if self.packs(w.dtype) and self._take(w):
+        if not self.packs(w.dtype):
+            return
+        if self.lib is None or layer.weight_tiles is not None:
+            # Nothing reads the plain weight then: oneDNN's copy takes its place.
+            layer.weight = torch.nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w), requires_grad=False)
+        elif self._take(w):
             layer.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w)
 
     def _take(self, w) -> bool:
@@ -131,23 +135,23 @@ class CpuPackedLinearMethod(UnquantizedMethod):
     def row_limit(self, layer) -> int:
         """Most rows ``layer``'s C kernel takes (0: every row count): the tiled one's where it has tiles."""
         if getattr(layer, "weight_tiles", None) is not None:
-            return native_tiles.MAX_ROWS if getattr(layer, "weight_packed", None) is not None else 0
+            return native_tiles.MAX_ROWS if layer.weight.is_mkldnn else 0
         rows = self._bf16_rows if layer.weight.dtype == torch.bfloat16 else None
         return native_linear.MAX_ROWS if rows is None else rows
 
     def apply(self, layer, x, bias=None, expert=None):
         w = layer.weight
-        if w.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         tiles = getattr(layer, "weight_tiles", None)
-        packed = getattr(layer, "weight_packed", None)
         if expert is None and tiles is not None:
             # without oneDNN's copy the tiled kernel takes every M: 0.93x oneDNN at 256 rows, F.linear far less
             y = native_tiles.linear(self.lib, x, tiles, w.shape[0], bias, self.num_threads,
-                                    None if packed is not None else 0)
+                                    None if w.is_mkldnn else 0)
             if y is not None:
                 return y
-        elif expert is None and self.lib is not None and w.dim() == 2:
+        if w.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        packed = getattr(layer, "weight_packed", None)
+        if expert is None and tiles is None and self.lib is not None and w.dim() == 2:
             y = native_linear.linear(self.lib, x, w, bias, self.num_threads, self.row_limit(layer))
             if y is not None:
                 return y
