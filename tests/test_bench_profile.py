@@ -15,13 +15,14 @@ PER_OP = ("linear qkv", "linear o", "linear gate_up", "linear down", "lm_head", 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-fused-decode", "per-op"])
 def test_profile_components_add_up_to_the_step(tmp_path, fused):
-    """The cpu plugin runs decode steps in one call (its ``fused_decode``): timed as one component."""
+    """The cpu plugin runs decode steps in one call (its ``fused_decode``): timed as one component. The
+    prompts are longer than the one-call step's 64 rows, so their prefill runs op by op."""
     model = make_tiny_model("qwen3")  # q/k norms: kernel ops inside attention are timed too
     out, png = tmp_path / "p.json", tmp_path / "p.png"
     env = {**os.environ, "TOKENMILL_CPU_FUSED_DECODE": "1" if fused else "0"}
     proc = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "profile", str(model), "--device", "cpu",
-                           "--batch-sizes", "1,3", "--prompt-len", "20", "--decode-steps", "3",
-                           "--max-model-len", "64", "--kv-cache-memory", str(4 << 20),
+                           "--batch-sizes", "1,3", "--prompt-len", "70", "--decode-steps", "3",
+                           "--max-model-len", "96", "--kv-cache-memory", str(4 << 20),
                            "--plot", str(png), "--json-out", str(out)], capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,8 +9,8 @@ they start from an empty context. Per layer:
   native kernel (:mod:`tokenmill_cpu.native`) reads the pages in place (bfloat16 widened
   as it is read); otherwise (or without a compiler) the pages are gathered into a padded
   batch for one SDPA call;
-* a prefill chunk of at most :data:`SMALL_PREFILL` tokens is served as decode rows, one per
-  token, by that same call;
+* a prefill chunk of at most :data:`SMALL_PREFILL` tokens, or one whose whole context is at most
+  :data:`ROWS_MAX_CONTEXT` tokens, is served as decode rows, one per token, by that same call;
 * a longer prefill chunk with no earlier context attends to its own new K/V with SDPA's causal
   kernel (no cache read at all); a chunk that continues a sequence gathers its pages and
   uses an explicit causal mask; a sliding window always uses an explicit mask.
@@ -49,6 +49,13 @@ class _Plan:
 #: can take it (a continued prompt's last chunk, a new request joining running decodes).
 SMALL_PREFILL = 16
 
+#: A prefill chunk whose context (cached prefix and chunk) is at most this many tokens is served
+#: as decode rows too, whatever its length. Each row reads its keys from the cache in place, which
+#: beats SDPA's causal kernel at short contexts. Measured on the Zen 4 box (8 query and 4 KV heads
+#: of 64, one layer): in float32 0.40x SDPA's time at 32 tokens, 0.76x at 160, 1.09x at 512 and
+#: 1.9x at 2,048; in bfloat16 0.39x, 0.70x, 0.95x and 1.6x.
+ROWS_MAX_CONTEXT = 384
+
 
 def _plan(meta: AttentionMetadata) -> _Plan:
     bs = meta.block_size
@@ -62,7 +69,7 @@ def _plan(meta: AttentionMetadata) -> _Plan:
     lens = [meta.seq_lens_cpu[i] for i in decode_seqs]
     kept = []
     for seq, lo, hi, slen in prefills:
-        if hi - lo > SMALL_PREFILL:
+        if hi - lo > SMALL_PREFILL and slen > ROWS_MAX_CONTEXT:
             kept.append((seq, lo, hi, slen))
             continue
         decode_seqs += [seq] * (hi - lo)
