@@ -98,8 +98,12 @@ def _core_main(config, cmd_conn, out_conn, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from tokenmill.engine.engine_core import EngineCore
+        from tokenmill.engine.warmup import warm_up
 
         engine = EngineCore(config)
+        t0 = time.perf_counter()
+        steps = warm_up(engine)
+        log.info("engine: warmed up in %d steps, %.0f ms", steps, (time.perf_counter() - t0) * 1e3)
         info = CoreInfo(os.getpid(), engine.platform.name, engine.max_model_len, engine.vocab_size,
                         engine.kv.num_blocks, engine.kv.block_size, engine.num_kv_tokens,
                         engine.runner.backend.name, config.scheduler.max_num_seqs,

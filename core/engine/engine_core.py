@@ -368,6 +368,14 @@ class EngineCore:
                     del seq.token_ids[len(seq.token_ids) + room:]
                     self.scheduler.finish(seq, FinishReason.LENGTH)
 
+    def forget_history(self) -> None:
+        """Abort what is unfinished, drop the prefix cache and zero every counter (after a warm-up)."""
+        self.abort_all()
+        self.kv.reset_prefix_cache()
+        self.kv.stats.reset()
+        self.scheduler.num_preemptions = self.scheduler.num_prompt_tokens_computed = 0
+        self._stats = EngineStats(num_blocks=self.kv.num_blocks)
+
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one rank); safe to call twice."""
         self.drain()
