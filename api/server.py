@@ -1,6 +1,7 @@
 """``tokenmill serve``: start the engine core process, then uvicorn with the API app."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -76,6 +77,11 @@ def run_server(args) -> int:
               f"tokens ({info.num_blocks} blocks of {info.block_size}), max_model_len {info.max_model_len}, "
               f"attention {info.attention_backend}; listening on http://{args.host}:{args.port}"
               f"{' (API key required)' if api_key else ''}", flush=True)
+        # What start-up built (tokenizer, transformers, the app) lives as long as the process: moved out
+        # of the collector's sight, the first full collection under load no longer scans it all
+        # (it stalled every stream for ~200 ms, a burst of requests' TTFT p99 with it).
+        gc.collect()
+        gc.freeze()
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                                timeout_keep_alive=30, access_log=args.access_log,
                                                timeout_graceful_shutdown=args.shutdown_timeout))
