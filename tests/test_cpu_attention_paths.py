@@ -31,13 +31,17 @@ def test_prefill_chunks_are_decode_rows_up_to_the_context_limit():
                                              *range(1000 - 15, 1001)]
 
 
-@pytest.mark.parametrize("rows_max_context", [0, ROWS_MAX_CONTEXT])
-def test_both_prefill_paths_match_the_reference(rows_max_context, monkeypatch):
+@pytest.mark.parametrize("rows_max_context, native", [(0, True), (ROWS_MAX_CONTEXT, True), (ROWS_MAX_CONTEXT, False)],
+                         ids=["sdpa", "rows", "rows-without-native-kernel"])
+def test_both_prefill_paths_match_the_reference(rows_max_context, native, monkeypatch):
     """With the limit at 0 every chunk past SMALL_PREFILL takes SDPA; at its value, the conformance
-    scenarios' chunks are all decode rows. Both match the reference attention."""
+    scenarios' chunks are all decode rows, unless the native kernel does not serve the layer (then
+    decode rows would be a padded gather each, and chunks keep SDPA). All match the reference."""
     monkeypatch.setattr(attention, "ROWS_MAX_CONTEXT", rows_max_context)
+    if not native:
+        monkeypatch.setattr(CpuAttention, "_native_decode", lambda self, q, k_cache: False)
     sdpa, real = [], CpuAttention._prefill
     monkeypatch.setattr(CpuAttention, "_prefill", lambda self, *a: sdpa.append(1) or real(self, *a))
     for case in grid(["float32", "bfloat16"], "standard", True):
         run_case(CpuAttention, case, torch.device("cpu"))
-    assert (len(sdpa) > 0) == (rows_max_context == 0)
+    assert (len(sdpa) > 0) == (rows_max_context == 0 or not native)

@@ -9,8 +9,9 @@ they start from an empty context. Per layer:
   native kernel (:mod:`tokenmill_cpu.native`) reads the pages in place (bfloat16 widened
   as it is read); otherwise (or without a compiler) the pages are gathered into a padded
   batch for one SDPA call;
-* a prefill chunk of at most :data:`SMALL_PREFILL` tokens, or one whose whole context is at most
-  :data:`ROWS_MAX_CONTEXT` tokens, is served as decode rows, one per token, by that same call;
+* a prefill chunk of at most :data:`SMALL_PREFILL` tokens, or (where the native kernel serves) one
+  whose whole context is at most :data:`ROWS_MAX_CONTEXT` tokens, is served as decode rows, one per
+  token, by that same call;
 * a longer prefill chunk with no earlier context attends to its own new K/V with SDPA's causal
   kernel (no cache read at all); a chunk that continues a sequence gathers its pages and
   uses an explicit causal mask; a sliding window always uses an explicit mask.
@@ -41,6 +42,8 @@ class _Plan:
     prefills: list  # (seq, first row, end row, seq_len)
     block_size: int
     cache: dict = field(default_factory=dict)  # per-step masks and gathered indices
+    # Some chunk longer than SMALL_PREFILL went to decode rows (worth it only in the native kernel).
+    widened: bool = False
 
 
 #: Prefill chunks of at most this many tokens are served as decode rows: each token is a query
@@ -57,7 +60,8 @@ SMALL_PREFILL = 16
 ROWS_MAX_CONTEXT = 384
 
 
-def _plan(meta: AttentionMetadata) -> _Plan:
+def _plan(meta: AttentionMetadata, rows_max_context: int | None = None) -> _Plan:
+    rows_max_context = ROWS_MAX_CONTEXT if rows_max_context is None else rows_max_context
     bs = meta.block_size
     slots = meta.slot_mapping.to(torch.int64)
     valid = slots >= 0
@@ -67,11 +71,12 @@ def _plan(meta: AttentionMetadata) -> _Plan:
         slots = slots[write_rows]
     decode_seqs, decode_rows, prefills = meta.split_decodes()
     lens = [meta.seq_lens_cpu[i] for i in decode_seqs]
-    kept = []
+    kept, widened = [], False
     for seq, lo, hi, slen in prefills:
-        if hi - lo > SMALL_PREFILL and slen > ROWS_MAX_CONTEXT:
+        if hi - lo > SMALL_PREFILL and slen > rows_max_context:
             kept.append((seq, lo, hi, slen))
             continue
+        widened |= hi - lo > SMALL_PREFILL
         decode_seqs += [seq] * (hi - lo)
         decode_rows += list(range(lo, hi))
         lens += range(slen - (hi - lo) + 1, slen + 1)
@@ -85,7 +90,7 @@ def _plan(meta: AttentionMetadata) -> _Plan:
         # Entries past a sequence's own pages are arbitrary: make them a valid block id.
         d_tables = torch.where(torch.arange(nb)[None, :] < needed[:, None], tables, 0).contiguous()
         d_rows = torch.tensor(decode_rows, dtype=torch.int64)
-    return _Plan(slots, write_rows, d_rows, d_lens, d_tables, kept, bs)
+    return _Plan(slots, write_rows, d_rows, d_lens, d_tables, kept, bs, widened=widened)
 
 
 def _sdpa_gqa(q, k, v, mask, scale, is_causal=False):
@@ -124,6 +129,9 @@ class CpuAttention(AttentionBackend):
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         plan = meta.extra if isinstance(meta.extra, _Plan) else _plan(meta)
         meta.extra = plan
+        if plan.widened and not self._native_decode(q, kv_cache[0]):
+            # Without the native kernel, decode rows are a padded gather per row: keep SDPA for chunks.
+            plan = plan.cache.get("sdpa-prefills") or plan.cache.setdefault("sdpa-prefills", _plan(meta, 0))
         spec = self.spec
         num_tokens, hk, d = q.shape[0], spec.num_kv_heads, spec.head_size
         q = q.view(num_tokens, spec.num_heads, d)
@@ -145,10 +153,14 @@ class CpuAttention(AttentionBackend):
             out[lo:hi] = self._prefill(q[lo:hi], k[lo:hi], v[lo:hi], k_cache, v_cache, meta, plan, seq, slen)
         return out.view(num_tokens, spec.num_heads * d)
 
+    def _native_decode(self, q, k_cache) -> bool:
+        """Whether the native kernel serves this layer's decode rows (else a padded gather and SDPA)."""
+        return self.native is not None and k_cache.dtype == q.dtype and q.dtype in (torch.float32, torch.bfloat16) \
+            and k_cache.is_contiguous()
+
     def _decode(self, q, k_cache, v_cache, out, plan: _Plan) -> None:
         window = self.spec.sliding_window
-        if self.native is not None and k_cache.dtype == q.dtype and q.dtype in (torch.float32, torch.bfloat16) \
-                and k_cache.is_contiguous():
+        if self._native_decode(q, k_cache):
             qc = q if q.stride(-1) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
             native_attention.paged_decode(self.native, qc, k_cache, v_cache, plan.decode_tables, plan.decode_seq_lens,
                                           plan.decode_rows, out, self.scale, window, self.num_threads)
