@@ -3,8 +3,8 @@
 The first steps of a fresh process pay one-time costs that no later step pays: kernel
 libraries compile code for the shapes they first meet (oneDNN's JIT), buffers and thread pools
 are created, the sampler's paths run for the first time. Measured on llama20m in bfloat16 on
-the cpu platform: the first 128-token request took 61 ms to its first token against 7-15 ms
-for the next ones, and the first burst of 8 streams put 180 ms into TTFT p99. ``tokenmill
+the cpu platform: the first 128-token request took 61 ms to its first token (34 ms after this
+warm-up) against 5-15 ms for the next ones. ``tokenmill
 serve`` runs :func:`warm_up` once before it reports ready, as vLLM runs its dummy batches at
 start-up; the engine is left exactly as it was: no blocks held or cached, every counter at zero.
 """
